@@ -1,0 +1,25 @@
+# Two commands do all the set-up on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/default.yaml
+
+.PHONY: train test install clean
+
+# The stamp is rebuilt when pyproject.toml changes, so a fresh clone or a new dependency reinstalls.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+train: install
+	$(BIN)/distnet train $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) mlruns mlartifacts mlruns.db distnet_runs

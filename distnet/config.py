@@ -1,0 +1,349 @@
+"""Run configuration: plain data, typed, validated once on the driver before anything starts.
+
+A config is a YAML mapping plus `key=value` overrides. `load_config` merges them, checks every
+field against the dataclasses below (unknown keys, types, allowed names, ranges) and returns a
+frozen `Config`. Any problem raises `ConfigError` naming the field, the value and what is allowed;
+the CLI turns that into exit code 2 before Ray, MLflow or any worker is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from distnet import registry
+
+N_INPUTS = 784  # MNIST pixels
+N_CLASSES = 10
+
+
+class ConfigError(ValueError):
+    """A config field is wrong. The message names the field, the value and the allowed values."""
+
+    def __init__(self, field_path: str, value: Any, allowed: str):
+        self.field = field_path
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"config error: {field_path} = {value!r}: {allowed}")
+
+
+def _choice(names) -> dict:
+    return {"choices": tuple(names)}
+
+
+def _positive() -> dict:
+    return {"min": 0, "exclusive": True}
+
+
+def _at_least(n) -> dict:
+    return {"min": n, "exclusive": False}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Either `sizes` (the full layer list, 784 in and 10 out) or `depth` hidden layers of `width`.
+    sizes: Optional[list[int]] = None
+    depth: Optional[int] = field(default=None, metadata=_at_least(0))
+    width: Optional[int] = field(default=None, metadata=_at_least(1))
+    activation: str = field(default="sigmoid", metadata=_choice(registry.ACTIVATIONS))
+    loss: str = field(default="softmax_ce", metadata=_choice(registry.LOSSES))
+    init: str = field(default="xavier_normal", metadata=_choice(registry.INITS))
+    # Weight gain multiplying the scheme's draw, and the bias std (None: the scheme's default).
+    sigma_w: float = field(default=1.0, metadata=_positive())
+    sigma_b: Optional[float] = field(default=None, metadata=_at_least(0))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: Optional[str] = None
+    # "test": 60k train / 10k test. "validation": Nielsen's 50k train / last 10k of train as validation.
+    split: str = field(default="test", metadata=_choice(("test", "validation")))
+    pixel_scale: float = field(default=255.0, metadata=_choice((255.0, 256.0)))
+    train_limit: Optional[int] = field(default=None, metadata=_at_least(1))
+    eval_limit: Optional[int] = field(default=None, metadata=_at_least(1))
+    # One seeded permutation per epoch, shared by every member and worker (members share batches).
+    shuffle_seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(default=3, metadata=_at_least(1))
+    batch_size: int = field(default=128, metadata=_at_least(1))
+    lr: float = field(default=0.5, metadata=_positive())
+    momentum: float = field(default=0.0, metadata=_at_least(0))
+    # Nielsen's lambda: the cost gains (lambda / 2n) * sum(w^2), n = training-set size; biases exempt.
+    l2: float = field(default=0.0, metadata=_at_least(0))
+    max_steps: Optional[int] = field(default=None, metadata=_at_least(1))
+    log_every: int = field(default=10, metadata=_at_least(1))
+    probe_size: int = field(default=1000, metadata=_at_least(1))
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    num_workers: int = field(default=2, metadata=_at_least(1))
+    use_gpu: bool = False
+    cpus_per_worker: float = field(default=1.0, metadata=_positive())
+    storage_path: str = "distnet_runs"
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    # The tracking URI is not config: --tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db.
+    experiment: str = "distnet"
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One population member's own settings; None falls back to the run-level value."""
+
+    init: Optional[str] = field(default=None, metadata=_choice(registry.INITS))
+    sigma_w: Optional[float] = field(default=None, metadata=_positive())
+    sigma_b: Optional[float] = field(default=None, metadata=_at_least(0))
+    seed: Optional[int] = None
+    lr: Optional[float] = field(default=None, metadata=_positive())
+
+
+@dataclass(frozen=True)
+class Member:
+    """A fully resolved member: what differs between the members of one population."""
+
+    init: str
+    sigma_w: float
+    sigma_b: Optional[float]
+    seed: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    seed: int = 0  # init seed of the run's member (each population member may set its own)
+    # Nielsen mode: network2.py's choices (see NIELSEN below), validated as a whole.
+    nielsen: bool = False
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    population: list[MemberSpec] = field(default_factory=list)
+
+    @property
+    def sizes(self) -> list[int]:
+        return list(self.model.sizes)
+
+    @property
+    def members(self) -> list[Member]:
+        specs = self.population or [MemberSpec()]
+        return [
+            Member(
+                init=s.init if s.init is not None else self.model.init,
+                sigma_w=s.sigma_w if s.sigma_w is not None else self.model.sigma_w,
+                sigma_b=s.sigma_b if s.sigma_b is not None else self.model.sigma_b,
+                seed=s.seed if s.seed is not None else self.seed,
+                lr=s.lr if s.lr is not None else self.train.lr,
+            )
+            for s in specs
+        ]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def member_config(self, k: int) -> dict:
+        """The resolved config of member k as a plain run: what its MLflow params describe."""
+        m = self.members[k]
+        d = self.to_dict()
+        d.pop("population")
+        d["seed"] = m.seed
+        d["model"].update(init=m.init, sigma_w=m.sigma_w, sigma_b=m.sigma_b)
+        d["train"]["lr"] = m.lr
+        return d
+
+
+# Nielsen mode = network2.py: sigmoid everywhere (output too), CrossEntropyCost, pixels/256,
+# L2 as lambda/n, N(0,1) or N(0,1/n_in) weights. Values below are defaults the file may restate;
+# contradicting one is an error, not a silent override.
+NIELSEN = {
+    "model.activation": ("sigmoid",),
+    "model.loss": ("sigmoid_bce",),
+    "data.pixel_scale": (256.0,),
+    "model.init": ("nielsen_scaled", "nielsen"),
+}
+
+
+def config_hash(d: dict) -> str:
+    """Stable id of a resolved config: sha256 of its canonical JSON, first 12 hex digits."""
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`a.b=1` strings into a nested dict; values are parsed as YAML (so 0.5, [1,2], true work)."""
+    nested: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, item, "overrides take the form key=value, e.g. train.lr=0.5")
+        node = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return nested
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _check_value(path: str, value: Any, tp, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(path, value, args[0], meta)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(path, value, f"must be a list of {_type_name(item_tp)}")
+        return [_check_value(f"{path}[{i}]", v, item_tp, {}) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(path, value, f"must be a mapping with keys {_field_names(tp)}")
+        return _build(tp, value, path + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, value, "must be true or false")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, value, "must be an integer")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, value, "must be a number")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, value, "must be a string")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(path, value, "must be one of " + ", ".join(map(str, meta["choices"])))
+    if "min" in meta:
+        lo = meta["min"]
+        if value < lo or (meta["exclusive"] and value == lo):
+            raise ConfigError(path, value, f"must be {'>' if meta['exclusive'] else '>='} {lo}")
+    return value
+
+
+def _field_names(cls) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}", raw[key], f"unknown key; allowed: {_field_names(cls)}")
+    kwargs = {
+        name: _check_value(f"{prefix}{name}", raw[name], hints[name], dict(f.metadata))
+        for name, f in fields.items()
+        if name in raw
+    }
+    return cls(**kwargs)
+
+
+def _resolve_sizes(model: dict) -> dict:
+    sizes, depth, width = model.get("sizes"), model.get("depth"), model.get("width")
+    if sizes is None:
+        if depth is None or width is None:
+            raise ConfigError("model.sizes", None, "give model.sizes, or model.depth and model.width")
+        sizes = [N_INPUTS] + [width] * depth + [N_CLASSES]
+    if len(sizes) < 2 or sizes[0] != N_INPUTS or sizes[-1] != N_CLASSES or min(sizes) < 1:
+        raise ConfigError(
+            "model.sizes", sizes, f"must start with {N_INPUTS}, end with {N_CLASSES}, all >= 1"
+        )
+    hidden = sizes[1:-1]
+    if depth is not None and depth != len(hidden):
+        raise ConfigError("model.depth", depth, f"model.sizes {sizes} has {len(hidden)} hidden layers")
+    uniform = hidden[0] if hidden and len(set(hidden)) == 1 else None
+    if width is not None and width != uniform:
+        raise ConfigError("model.width", width, f"model.sizes {sizes} has hidden widths {hidden}")
+    return {**model, "sizes": sizes, "depth": len(hidden), "width": uniform}
+
+
+def _get(d: dict, dotted: str):
+    for p in dotted.split("."):
+        d = d.get(p, {}) if isinstance(d, dict) else {}
+    return d if d != {} else None
+
+
+def _set_default(d: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d.setdefault(leaf, value)
+
+
+def build_config(raw: dict) -> Config:
+    """Validate a merged raw mapping into a Config (raises ConfigError)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("<config>", raw, "must be a YAML mapping")
+    raw = _merge({}, raw)  # a copy: defaults below must not leak into the caller's dict
+    if raw.get("nielsen") is True:
+        for dotted, allowed in NIELSEN.items():
+            _set_default(raw, dotted, allowed[0])
+            value = _get(raw, dotted)
+            if value not in allowed:
+                raise ConfigError(dotted, value, "nielsen mode needs " + " or ".join(map(str, allowed)))
+    if "model" in raw and not isinstance(raw["model"], dict):
+        raise ConfigError("model", raw["model"], f"must be a mapping with keys {_field_names(ModelConfig)}")
+    raw["model"] = _resolve_sizes(raw.get("model", {}))
+    cfg = _build(Config, raw)
+    batch, workers = cfg.train.batch_size, cfg.ray.num_workers
+    if batch % workers:
+        raise ConfigError(
+            "ray.num_workers", workers,
+            f"must divide train.batch_size={batch}; allowed: "
+            + ", ".join(str(w) for w in range(1, batch + 1) if batch % w == 0),
+        )
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError("<config file>", str(path), f"cannot be read: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError("<config file>", str(path), f"is not valid YAML: {e}") from None
+    return build_config(_merge(raw, parse_overrides(list(overrides))))
+
+
+def dump_yaml(d: dict) -> str:
+    return yaml.safe_dump(d, sort_keys=False)

@@ -1,0 +1,147 @@
+"""Named choices a config can make: weight inits, activations, losses.
+
+Each registry maps a name to a small record; configs are validated against the keys and
+`distnet list` prints them. Adding a scheme is one entry here, never a new branch elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------- inits
+@dataclass(frozen=True)
+class Init:
+    """A weight draw of shape [n_in, n_out] at unit gain, and the default bias std."""
+
+    weight: Callable[[int, int, torch.Generator], Tensor]
+    bias_std: float
+    doc: str
+
+
+def _normal(std: Callable[[int, int], float]):
+    return lambda n_in, n_out, g: torch.randn(n_in, n_out, generator=g) * std(n_in, n_out)
+
+
+def _uniform(bound: Callable[[int, int], float]):
+    def draw(n_in, n_out, g):
+        a = bound(n_in, n_out)
+        return (torch.rand(n_in, n_out, generator=g) * 2 - 1) * a
+
+    return draw
+
+
+def _orthogonal(n_in, n_out, g):
+    # QR of a Gaussian matrix, signs fixed so the draw is uniform over orthogonal matrices.
+    a = torch.randn(max(n_in, n_out), min(n_in, n_out), generator=g, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r))
+    return (q if n_in >= n_out else q.T).to(torch.float32)
+
+
+INITS: dict[str, Init] = {
+    "nielsen": Init(_normal(lambda i, o: 1.0), 1.0, "W, b ~ N(0, 1)"),
+    "nielsen_scaled": Init(_normal(lambda i, o: 1 / math.sqrt(i)), 1.0, "W ~ N(0, 1/n_in), b ~ N(0, 1)"),
+    "uniform_sqrt_n": Init(
+        _uniform(lambda i, o: 1 / math.sqrt(i)), 0.0, "W ~ U[-1/sqrt(n_in), 1/sqrt(n_in)] (Glorot-Bengio 'standard')"
+    ),
+    "xavier_normal": Init(_normal(lambda i, o: math.sqrt(2 / (i + o))), 0.0, "W ~ N(0, 2/(n_in+n_out))"),
+    "xavier_uniform": Init(
+        _uniform(lambda i, o: math.sqrt(6 / (i + o))), 0.0, "W ~ U[-sqrt(6/(n_in+n_out)), +] (Glorot 'normalized')"
+    ),
+    "he_normal": Init(_normal(lambda i, o: math.sqrt(2 / i)), 0.0, "W ~ N(0, 2/n_in)"),
+    "he_uniform": Init(_uniform(lambda i, o: math.sqrt(6 / i)), 0.0, "W ~ U[-sqrt(6/n_in), +]"),
+    "lecun_normal": Init(_normal(lambda i, o: 1 / math.sqrt(i)), 0.0, "W ~ N(0, 1/n_in)"),
+    "orthogonal": Init(_orthogonal, 0.0, "W orthogonal (QR of a Gaussian), gain 1"),
+}
+
+
+def init_layer(name: str, n_in: int, n_out: int, g: torch.Generator, sigma_w: float, sigma_b: float | None):
+    """One layer's (W [n_in, n_out], b [n_out]) in float32: sigma_w scales W, sigma_b sets b's std."""
+    scheme = INITS[name]
+    w = scheme.weight(n_in, n_out, g) * sigma_w
+    b_std = scheme.bias_std if sigma_b is None else sigma_b
+    b = torch.randn(n_out, generator=g) * b_std
+    return w, b
+
+
+# ---------------------------------------------------------------- activations
+@dataclass(frozen=True)
+class Activation:
+    fn: Callable[[Tensor], Tensor]
+    # Which units count as saturated, given pre-activation z and activation a (same shape).
+    saturated: Callable[[Tensor, Tensor], Tensor]
+    doc: str
+
+
+def _never(z, a):
+    return torch.zeros_like(a, dtype=torch.bool)
+
+
+def _negative(z, a):
+    return z <= 0
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "sigmoid": Activation(torch.sigmoid, lambda z, a: (a < 0.01) | (a > 0.99), "saturated: a outside (0.01, 0.99)"),
+    "tanh": Activation(torch.tanh, lambda z, a: a.abs() > 0.99, "saturated: |a| > 0.99"),
+    "softsign": Activation(F.softsign, lambda z, a: a.abs() > 0.99, "saturated: |a| > 0.99"),
+    "relu": Activation(F.relu, lambda z, a: a == 0, "saturated: a == 0"),
+    # The rest of the relu family: 'saturated' is the negative branch, where relu would be 0.
+    "leaky_relu": Activation(F.leaky_relu, _negative, "saturated: z <= 0"),
+    "elu": Activation(F.elu, _negative, "saturated: z <= 0"),
+    "selu": Activation(F.selu, _negative, "saturated: z <= 0"),
+    # softplus' slope is sigmoid(z): saturated where it is below 0.01, as for sigmoid units.
+    "softplus": Activation(F.softplus, lambda z, a: torch.sigmoid(z) < 0.01, "saturated: slope sigmoid(z) < 0.01"),
+    "identity": Activation(lambda z: z, _never, "never saturated"),
+}
+
+
+# ---------------------------------------------------------------- losses
+# Each takes the output layer's pre-activations z [P, B, C] and integer labels y [B] and returns the
+# per-member loss [P], summed over output units and averaged over the batch (Nielsen's convention).
+def _softmax_ce(z: Tensor, y: Tensor) -> Tensor:
+    logp = torch.log_softmax(z, dim=-1)
+    return -logp.gather(-1, y.expand(z.shape[0], -1).unsqueeze(-1)).squeeze(-1).mean(-1)
+
+
+def _one_hot(z: Tensor, y: Tensor) -> Tensor:
+    return F.one_hot(y, z.shape[-1]).to(z.dtype).expand_as(z)
+
+
+def _sigmoid_bce(z: Tensor, y: Tensor) -> Tensor:
+    bce = F.binary_cross_entropy_with_logits(z, _one_hot(z, y), reduction="none")
+    return bce.sum(-1).mean(-1)
+
+
+def _quadratic(z: Tensor, y: Tensor) -> Tensor:
+    return 0.5 * (torch.sigmoid(z) - _one_hot(z, y)).square().sum(-1).mean(-1)
+
+
+@dataclass(frozen=True)
+class Loss:
+    fn: Callable[[Tensor, Tensor], Tensor]
+    doc: str
+
+
+LOSSES: dict[str, Loss] = {
+    "softmax_ce": Loss(_softmax_ce, "softmax output, cross-entropy"),
+    "sigmoid_bce": Loss(_sigmoid_bce, "sigmoid output, binary cross-entropy per unit (Nielsen's CrossEntropyCost)"),
+    "quadratic": Loss(_quadratic, "sigmoid output, 0.5*||a - y||^2 (Nielsen's QuadraticCost)"),
+}
+
+
+def describe() -> str:
+    """The registries as text, for `distnet list`."""
+    lines = []
+    for title, reg in (("inits", INITS), ("activations", ACTIVATIONS), ("losses", LOSSES)):
+        lines.append(f"{title}:")
+        lines += [f"  {name:<16} {entry.doc}" for name, entry in reg.items()]
+    return "\n".join(lines)

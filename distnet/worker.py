@@ -1,0 +1,126 @@
+"""The per-worker training loop: plain PyTorch, read top to bottom.
+
+Runs on every data-parallel worker (rank r of W) or alone (W = 1). Every worker holds the whole
+population and the whole data set as tensors on its device; each step it takes its slice of the
+global batch, backpropagates, all-reduces the one [P, T] gradient (mean), records the per-layer
+gradient norms of every member on the device, and updates. Rank 0 alone evaluates and logs.
+Ray never appears here: launch.py calls `train` inside a Ray Train worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distnet import data, metrics
+from distnet.config import Config
+from distnet.model import PopulationMLP, PopulationSGD, init_theta
+
+
+class Sink(Protocol):
+    """Where rank 0's metrics go (MLflow in a real run). Values are per member: arrays of [P]."""
+
+    def log(self, step: int, values: dict[str, np.ndarray]) -> None: ...
+
+    def progress(self, state: dict) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+
+def all_reduce_mean(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(t)
+        t.div_(world_size)
+    return t
+
+
+def to_device(arrays: dict[str, np.ndarray], scale: float, device: torch.device) -> dict[str, torch.Tensor]:
+    """uint8 pixels -> float32 x/scale on the device, once; labels as int64."""
+    return {
+        k: torch.tensor(v, device=device, dtype=torch.float32).div_(scale) if k.endswith("_x")
+        else torch.tensor(v, device=device, dtype=torch.int64)
+        for k, v in arrays.items()
+    }
+
+
+def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink | None) -> dict:
+    """Train cfg's population; returns the final parameters (on the CPU) and, on rank 0, the
+    final evaluation. `sink` is rank 0's; the other ranks pass None."""
+    tc = cfg.train
+    d = to_device(arrays, cfg.data.pixel_scale, env.device)
+    x, y = d["train_x"], d["train_y"]
+    n_train = len(x)
+    probe_x, probe_y = x[: tc.probe_size], y[: tc.probe_size]
+    eval_prefix = "test" if cfg.data.split == "test" else "val"
+
+    members = cfg.members
+    model = PopulationMLP(cfg.sizes, cfg.model.activation, cfg.model.loss, init_theta(cfg.sizes, members).to(env.device))
+    opt = PopulationSGD(model, [m.lr for m in members], tc.momentum, tc.l2, n_train)
+    names = metrics.grad_norm_names(len(model.layers))
+    steps_per_epoch = n_train // tc.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n_train} training examples make no batch of {tc.batch_size}")
+    total_steps = min(tc.epochs * steps_per_epoch, tc.max_steps or tc.epochs * steps_per_epoch)
+
+    # Per-step records stay on the device: [log_every, P, 2L norms + 1 local loss], copied to the
+    # host once per log interval so the hot path never waits on a host sync.
+    P, S = model.population, model.n_segments
+    buf = torch.empty(tc.log_every, P, S + 1, device=env.device)
+    pending: list[int] = []  # global steps whose rows in buf are not yet on the host
+
+    def flush_steps():
+        if sink is not None and pending:
+            rows = buf[: len(pending)].cpu().numpy()
+            for step, row in zip(pending, rows):
+                sink.log(step, {name: row[:, j] for j, name in enumerate(names)})
+            sink.progress({"step": pending[-1] + 1, "total_steps": total_steps, "loss": float(rows[-1, :, S].mean())})
+        pending.clear()
+
+    def epoch_metrics(epoch: int, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = {**extra, **metrics.probe(model, probe_x, probe_y),
+                  **metrics.evaluate(model, d["eval_x"], d["eval_y"], eval_prefix)}
+        sink.log(epoch, values)
+        sink.progress({"epoch": epoch, "acc": float(values[f"{eval_prefix}/acc"].mean())})
+        sink.flush()
+        return values
+
+    final = epoch_metrics(0, {}) if sink is not None else {}  # epoch 0: the network at init
+    step = 0
+    for epoch in range(1, tc.epochs + 1):
+        batches = data.epoch_batches(n_train, tc.batch_size, epoch, cfg.data.shuffle_seed, env.rank, env.world_size)
+        batches = batches.to(env.device)
+        loss_sum = torch.zeros(P, device=env.device)
+        epoch_steps = min(steps_per_epoch, total_steps - step)
+        for i in range(epoch_steps):
+            idx = batches[i]
+            model.theta.grad = None
+            loss = model.loss(x[idx], y[idx])
+            loss.sum().backward()  # members are independent: d(sum)/d(theta_k) = d(loss_k)/d(theta_k)
+            grad = all_reduce_mean(model.theta.grad, env.world_size)
+            slot = len(pending)
+            buf[slot, :, :S] = model.segment_norms(grad)
+            buf[slot, :, S] = loss.detach()
+            loss_sum += loss.detach()
+            opt.step(grad)
+            pending.append(step)
+            step += 1
+            if len(pending) == tc.log_every:
+                flush_steps()
+        flush_steps()
+        train_loss = all_reduce_mean(loss_sum, env.world_size) / max(epoch_steps, 1)
+        if sink is not None:
+            final = epoch_metrics(epoch, {"train/loss": train_loss.cpu().numpy()})
+        if step >= total_steps:
+            break
+    return {"theta": model.theta.detach().cpu(), "metrics": final, "steps": step}
