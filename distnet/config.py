@@ -330,6 +330,8 @@ def build_config(raw: dict) -> Config:
             f"must divide train.batch_size={batch}; allowed: "
             + ", ".join(str(w) for w in range(1, batch + 1) if batch % w == 0),
         )
+    if cfg.data.train_limit is not None and cfg.data.train_limit < batch:
+        raise ConfigError("data.train_limit", cfg.data.train_limit, f"must be >= train.batch_size={batch}")
     return cfg
 
 

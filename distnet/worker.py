@@ -69,8 +69,6 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     opt = PopulationSGD(model, [m.lr for m in members], tc.momentum, tc.l2, n_train)
     names = metrics.grad_norm_names(len(model.layers))
     steps_per_epoch = n_train // tc.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{n_train} training examples make no batch of {tc.batch_size}")
     total_steps = min(tc.epochs * steps_per_epoch, tc.max_steps or tc.epochs * steps_per_epoch)
 
     # Per-step records stay on the device: [log_every, P, 2L norms + 1 local loss], copied to the

@@ -1,0 +1,46 @@
+"""Shared fixtures: MNIST read once, one real local Ray per test session, a fresh MLflow sqlite store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+
+from distnet import data
+
+
+@pytest.fixture(scope="session")
+def mnist() -> data.MNIST:
+    return data.load_mnist()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray (2 CPUs, loopback), shared by every test that needs one, ended at the end."""
+    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlruns.db'}"
+
+
+class RecordingSink:
+    """Collects what the worker loop logs, for in-process tests of the loop itself."""
+
+    def __init__(self):
+        self.logged: list[tuple[int, dict[str, np.ndarray]]] = []
+
+    def log(self, step, values):
+        self.logged.append((step, {k: np.array(v) for k, v in values.items()}))
+
+    def progress(self, state):
+        pass
+
+    def flush(self):
+        pass
+
+    def series(self, name: str) -> list[tuple[int, np.ndarray]]:
+        return [(s, v[name]) for s, v in self.logged if name in v]

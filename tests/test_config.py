@@ -1,0 +1,106 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distnet.config import ConfigError, build_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def error_of(raw: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as e:
+        build_config(raw)
+    return e.value
+
+
+def test_default_config_resolves():
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    assert cfg.sizes == [784, 30, 10] and cfg.model.depth == 1 and cfg.model.width == 30
+    assert cfg.ray.num_workers == 2 and cfg.train.batch_size == 128
+    assert len(cfg.members) == 1 and cfg.members[0].lr == cfg.train.lr
+
+
+def test_overrides_are_typed_and_depth_width_build_sizes():
+    cfg = load_config(ROOT / "configs" / "default.yaml",
+                      ["model.sizes=null", "model.depth=4", "model.width=20", "train.lr=0.25", "ray.num_workers=4"])
+    assert cfg.sizes == [784, 20, 20, 20, 20, 10]
+    assert cfg.train.lr == 0.25 and cfg.ray.num_workers == 4
+
+
+def test_unknown_key_names_field_and_allowed_keys():
+    e = error_of({"model": {"sizes": [784, 10], "activaton": "tanh"}})
+    assert e.field == "model.activaton"
+    assert "activation" in str(e) and "init" in str(e)
+
+
+def test_unknown_top_level_key():
+    e = error_of({"model": {"sizes": [784, 10]}, "trian": {}})
+    assert e.field == "trian" and "train" in str(e)
+
+
+def test_wrong_type_names_field_and_type():
+    e = error_of({"model": {"sizes": [784, 10]}, "train": {"epochs": "three"}})
+    assert e.field == "train.epochs" and "'three'" in str(e) and "integer" in str(e)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("init", "glorot", "xavier_uniform"),
+    ("activation", "swish", "leaky_relu"),
+    ("loss", "hinge", "sigmoid_bce"),
+])
+def test_unknown_registry_name_lists_allowed(field, value, expected):
+    e = error_of({"model": {"sizes": [784, 10], field: value}})
+    assert e.field == f"model.{field}" and repr(value) in str(e) and expected in str(e)
+
+
+def test_unknown_member_init():
+    e = error_of({"model": {"sizes": [784, 10]}, "population": [{"init": "he_normal"}, {"init": "bogus"}]})
+    assert e.field == "population[1].init" and "he_normal" in str(e)
+
+
+def test_batch_not_divisible_by_workers():
+    e = error_of({"model": {"sizes": [784, 10]}, "ray": {"num_workers": 3}})
+    assert e.field == "ray.num_workers" and "train.batch_size=128" in str(e)
+    assert "1, 2, 4, 8, 16, 32, 64, 128" in str(e)
+
+
+@pytest.mark.parametrize("lr", [0, -0.1])
+def test_non_positive_lr(lr):
+    e = error_of({"model": {"sizes": [784, 10]}, "train": {"lr": lr}})
+    assert e.field == "train.lr" and "> 0" in str(e)
+
+
+def test_bad_sizes_and_inconsistent_depth():
+    assert error_of({"model": {"sizes": [100, 10]}}).field == "model.sizes"
+    assert error_of({"model": {"sizes": [784, 30, 10], "depth": 2}}).field == "model.depth"
+    assert error_of({"model": {}}).field == "model.sizes"
+
+
+def test_nielsen_mode_fills_and_refuses_contradictions():
+    cfg = build_config({"nielsen": True, "model": {"depth": 1, "width": 30}})
+    assert (cfg.model.activation, cfg.model.loss, cfg.data.pixel_scale, cfg.model.init) == \
+        ("sigmoid", "sigmoid_bce", 256.0, "nielsen_scaled")
+    e = error_of({"nielsen": True, "model": {"depth": 1, "width": 30, "activation": "relu"}})
+    assert e.field == "model.activation" and "sigmoid" in str(e)
+
+
+def test_population_members_inherit_run_values():
+    cfg = build_config({"seed": 7, "model": {"sizes": [784, 10], "init": "he_normal"}, "train": {"lr": 0.3},
+                        "population": [{}, {"init": "orthogonal", "lr": 0.1, "seed": 3}]})
+    a, b = cfg.members
+    assert (a.init, a.lr, a.seed) == ("he_normal", 0.3, 7)
+    assert (b.init, b.lr, b.seed) == ("orthogonal", 0.1, 3)
+    assert cfg.member_config(1)["model"]["init"] == "orthogonal" and "population" not in cfg.member_config(1)
+
+
+def test_cli_bad_config_exits_2_and_starts_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  sizes: [784, 30, 10]\n  init: glorot\n")
+    proc = subprocess.run([sys.executable, "-m", "distnet.cli", "train", str(bad)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "model.init" in proc.stderr and "'glorot'" in proc.stderr and "xavier_normal" in proc.stderr
+    assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "distnet_runs").exists()
+    assert "Ray" not in proc.stdout + proc.stderr

@@ -1,0 +1,85 @@
+"""End to end on a real local Ray (one per test session) and a real MLflow sqlite store."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from distnet import launch, metrics
+from distnet.config import build_config
+from distnet.model import init_theta
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"train_limit": 2560, "eval_limit": 500}  # 20 global batches of 128
+
+
+def config(workers, **train):
+    return build_config({"name": f"w{workers}", "model": {"sizes": [784, 30, 30, 10], "activation": "sigmoid"},
+                         "train": {"epochs": 1, "lr": 0.5, "momentum": 0.9, **train},
+                         "ray": {"num_workers": workers, "cpus_per_worker": 1}, "data": SMALL})
+
+
+def test_two_workers_follow_the_one_worker_trajectory(ray_cluster, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one = launch.run_training(config(1, max_steps=20), tracking_uri, show_progress=False)
+    two = launch.run_training(config(2, max_steps=20), tracking_uri, show_progress=False)
+    assert one.steps == two.steps == 20
+    torch.testing.assert_close(two.theta, one.theta, atol=1e-5, rtol=0)
+    # the runs did move: 20 steps at lr 0.5 change the parameters well beyond the tolerance
+    init = init_theta(config(1).sizes, config(1).members)
+    assert (one.theta - init).abs().max() > 1e-2
+
+
+def test_one_epoch_run_is_fully_recorded_in_mlflow(ray_cluster, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config({"name": "rec", "model": {"depth": 2, "width": 30, "activation": "tanh"},
+                        "train": {"epochs": 1, "log_every": 7}, "ray": {"num_workers": 2}, "data": SMALL,
+                        "mlflow": {"experiment": "rec-test"},
+                        "population": [{"init": "xavier_normal", "seed": 1}, {"init": "he_normal", "seed": 2}]})
+    result = launch.run_training(cfg, tracking_uri, show_progress=False)
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("rec-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(result.run_ids) and len(runs) == 2
+    for k, run_id in enumerate(result.run_ids):
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        p, t = run.data.params, run.data.tags
+        assert p["model.depth"] == "2" and p["model.activation"] == "tanh" and p["train.batch_size"] == "128"
+        assert p["model.init"] == ["xavier_normal", "he_normal"][k] and p["seed"] == str(k + 1)
+        assert (t["depth"], t["width"], t["activation"], t["init"], t["seed"]) == \
+            ("2", "30", "tanh", ["xavier_normal", "he_normal"][k], str(k + 1))
+        assert len(t["config_hash"]) == 12
+        for name in metrics.grad_norm_names(3):  # every step 0..19 exactly once
+            hist = client.get_metric_history(run_id, name)
+            assert sorted(m.step for m in hist) == list(range(20))
+            assert all(np.isfinite(m.value) and m.value > 0 for m in hist)
+        for name in ["test/acc", "test/loss", "speed/layer_1", "speed/layer_2", "act/saturated/layer_2"]:
+            assert sorted(m.step for m in client.get_metric_history(run_id, name)) == [0, 1]
+        assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1]
+        art = client.download_artifacts(run_id, "config.yaml", str(tmp_path / f"a{k}"))
+        assert yaml.safe_load(Path(art).read_text())["model"]["init"] == ["xavier_normal", "he_normal"][k]
+        final_acc = client.get_metric_history(run_id, "test/acc")
+        assert max(final_acc, key=lambda m: m.step).value == pytest.approx(result.metrics["test/acc"][k])
+    assert min(result.metrics["test/acc"]) > 0.5  # 20 steps already learn something
+
+
+def test_cli_train_prints_accuracy_run_id_and_ui_command(ray_cluster, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "distnet.cli", "train", str(ROOT / "configs" / "default.yaml"), "train.epochs=1",
+         "data.train_limit=1280", "data.eval_limit=500", "--address", ray_cluster],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "epoch 1/1" in out and "final test accuracy" in out
+    run_id = out.split("MLflow run ")[1].split()[0]
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    assert f"mlflow ui --backend-store-uri {uri}" in out
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"

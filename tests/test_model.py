@@ -1,0 +1,164 @@
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distnet import data, metrics, registry, worker
+from distnet.config import Member, build_config
+from distnet.model import PopulationMLP, init_theta
+
+from conftest import RecordingSink
+
+N = 1000
+# Expected weight std of each scheme on an N x N layer, written out from the formulas.
+EXPECTED_STD = {
+    "nielsen": 1.0,
+    "nielsen_scaled": 1 / math.sqrt(N),
+    "uniform_sqrt_n": (1 / math.sqrt(N)) / math.sqrt(3),
+    "xavier_normal": math.sqrt(2 / (2 * N)),
+    "xavier_uniform": math.sqrt(6 / (2 * N)) / math.sqrt(3),
+    "he_normal": math.sqrt(2 / N),
+    "he_uniform": math.sqrt(6 / N) / math.sqrt(3),
+    "lecun_normal": 1 / math.sqrt(N),
+    "orthogonal": 1 / math.sqrt(N),  # rows of unit norm over N entries
+}
+
+
+def test_every_init_is_checked():
+    assert set(EXPECTED_STD) == set(registry.INITS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_STD))
+def test_init_std_matches_formula(name):
+    g = torch.Generator().manual_seed(0)
+    w, b = registry.init_layer(name, N, N, g, sigma_w=1.0, sigma_b=None)
+    assert abs(w.std().item() / EXPECTED_STD[name] - 1) < 0.05
+    assert abs(w.mean().item()) < 0.05 * EXPECTED_STD[name] * 10
+    assert abs(b.std().item() - registry.INITS[name].bias_std) < 0.1
+
+
+def test_orthogonal_is_orthogonal_and_sigmas_scale():
+    g = torch.Generator().manual_seed(0)
+    w, _ = registry.init_layer("orthogonal", 200, 50, g, 1.0, None)
+    assert torch.allclose(w.T @ w, torch.eye(50), atol=1e-5)
+    w2, b2 = registry.init_layer("he_normal", N, N, torch.Generator().manual_seed(0), sigma_w=3.0, sigma_b=0.5)
+    w1, _ = registry.init_layer("he_normal", N, N, torch.Generator().manual_seed(0), 1.0, None)
+    assert torch.allclose(w2, 3 * w1) and abs(b2.std().item() - 0.5) < 0.05
+
+
+# ------------------------------------------------------------- gradient norms vs hand backprop
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def numpy_backprop_norms(theta_row, sizes, x, y, loss):
+    """Textbook backprop (Nielsen ch. 2) of a sigmoid MLP in float64; returns [|gW1|, |gb1|, ...]."""
+    Ws, bs, off = [], [], 0
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        Ws.append(theta_row[off:off + n_in * n_out].reshape(n_in, n_out)); off += n_in * n_out
+        bs.append(theta_row[off:off + n_out]); off += n_out
+    acts, zs = [x], []
+    for W, b in zip(Ws, bs):
+        zs.append(acts[-1] @ W + b)
+        acts.append(sigmoid(zs[-1]))
+    onehot = np.eye(sizes[-1])[y]
+    if loss == "softmax_ce":
+        e = np.exp(zs[-1] - zs[-1].max(1, keepdims=True))
+        delta = e / e.sum(1, keepdims=True) - onehot
+    else:  # sigmoid_bce: Nielsen's CrossEntropyCost.delta = a - y
+        delta = acts[-1] - onehot
+    delta = delta / len(x)  # mean over the batch
+    norms = []
+    for l in range(len(Ws) - 1, -1, -1):
+        gW, gb = acts[l].T @ delta, delta.sum(0)
+        norms = [np.linalg.norm(gW), np.linalg.norm(gb)] + norms
+        if l:
+            delta = (delta @ Ws[l].T) * acts[l] * (1 - acts[l])
+    return np.array(norms)
+
+
+SIZES = [784, 30, 30, 10]
+
+
+def members(n):
+    inits = ["nielsen", "xavier_normal", "he_uniform", "orthogonal"]
+    return [Member(inits[k % 4], 1.0 + 0.5 * k, None, seed=10 + k, lr=0.1 * (k + 1)) for k in range(n)]
+
+
+@pytest.mark.parametrize("loss", ["softmax_ce", "sigmoid_bce"])
+def test_grad_norms_match_hand_backprop_float64(mnist, loss):
+    x = mnist.train_x[:128].astype(np.float64) / 255
+    y = mnist.train_y[:128]
+    model = PopulationMLP(SIZES, "sigmoid", loss, init_theta(SIZES, members(3))).to(torch.float64)
+    model.loss(torch.from_numpy(x), torch.from_numpy(y)).sum().backward()
+    ours = model.segment_norms(model.theta.grad).numpy()
+    for k in range(3):
+        ref = numpy_backprop_norms(model.theta[k].detach().numpy(), SIZES, x, y, loss)
+        np.testing.assert_allclose(ours[k], ref, rtol=1e-6)
+
+
+def test_worker_logs_the_hand_backprop_norms_at_step_0(mnist):
+    """The loop's own step-0 records (float32, first global batch) against float64 backprop."""
+    cfg = build_config({"model": {"sizes": SIZES, "init": "xavier_normal"}, "seed": 3,
+                        "train": {"epochs": 1, "max_steps": 2}, "ray": {"num_workers": 1},
+                        "data": {"train_limit": 1280, "eval_limit": 100}})
+    arrays = data.select(mnist, "test", 1280, 100)
+    sink = RecordingSink()
+    worker.train(cfg, arrays, worker.WorkerEnv(), sink)
+    idx = data.epoch_batches(1280, 128, 1, 0, 0, 1)[0].numpy()
+    theta0 = init_theta(SIZES, cfg.members)[0].double().numpy()
+    ref = numpy_backprop_norms(theta0, SIZES, arrays["train_x"][idx] / 255.0, arrays["train_y"][idx], "softmax_ce")
+    names = metrics.grad_norm_names(3)
+    step0 = [v for s, v in sink.logged if s == 0 and names[0] in v][0]
+    np.testing.assert_allclose([step0[n][0] for n in names], ref, rtol=1e-4)
+    assert [s for s, _ in sink.series(names[0])] == [0, 1]
+
+
+# ------------------------------------------------------------- populations
+def run_loop(mnist, raw):
+    cfg = build_config(raw)
+    arrays = data.select(mnist, "test", cfg.data.train_limit, cfg.data.eval_limit)
+    return worker.train(cfg, arrays, worker.WorkerEnv(), None)["theta"]
+
+
+def test_member_k_of_population_equals_solo_run(mnist):
+    base = {"model": {"sizes": SIZES, "activation": "tanh"}, "train": {"epochs": 1, "max_steps": 20, "momentum": 0.5,
+            "l2": 5.0}, "ray": {"num_workers": 1}, "data": {"train_limit": 2560, "eval_limit": 100}}
+    ms = members(4)
+    pop = run_loop(mnist, {**base, "population": [vars(m) for m in ms]})
+    for k, m in enumerate(ms):
+        solo_raw = {**base, "seed": m.seed, "model": {**base["model"], "init": m.init, "sigma_w": m.sigma_w},
+                    "train": {**base["train"], "lr": m.lr}}
+        solo = run_loop(mnist, solo_raw)
+        assert solo.shape == (1, pop.shape[1])
+        torch.testing.assert_close(pop[k], solo[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(pop[0], pop[1])
+
+
+def test_nielsen_probe_ratio_at_init(mnist):
+    """Nielsen ch. 5: [784,30,30,10] at init, bias-gradient norms 0.07 and 0.31 (ratio ~4.4)."""
+    cfg = build_config({"nielsen": True, "model": {"sizes": SIZES}, "population": [{"seed": s} for s in range(10)]})
+    x = torch.tensor(mnist.train_x[:1000]).float() / 256
+    y = torch.from_numpy(mnist.train_y[:1000])
+    model = PopulationMLP(SIZES, "sigmoid", "sigmoid_bce", init_theta(SIZES, cfg.members))
+    out = metrics.probe(model, x, y)
+    ratio = out["speed/layer_2"].mean() / out["speed/layer_1"].mean()
+    assert 3 < ratio < 7, ratio
+    assert 0.02 < out["speed/layer_1"].mean() < 0.2
+    # N(0, 1/n_in) weights keep layer 1 out of saturation; N(0, 1) weights saturate most of it.
+    assert out["act/saturated/layer_1"].max() < 0.05
+    unscaled = [dataclasses.replace(m, init="nielsen") for m in cfg.members]
+    big = PopulationMLP(SIZES, "sigmoid", "sigmoid_bce", init_theta(SIZES, unscaled))
+    assert metrics.probe(big, x, y)["act/saturated/layer_1"].min() > 0.5
+
+
+def test_saturation_definitions():
+    z = torch.tensor([-10.0, -1.0, 0.0, 1.0, 10.0])
+    frac = {n: registry.ACTIVATIONS[n].saturated(z, registry.ACTIVATIONS[n].fn(z)).tolist()
+            for n in ["sigmoid", "tanh", "relu", "identity"]}
+    assert frac["sigmoid"] == [True, False, False, False, True]
+    assert frac["tanh"] == [True, False, False, False, True]
+    assert frac["relu"] == [True, True, True, False, False]
+    assert frac["identity"] == [False] * 5
