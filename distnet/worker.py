@@ -38,10 +38,11 @@ class WorkerEnv:
     device: torch.device = torch.device("cpu")
 
 
-def all_reduce_mean(t: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over the process group, in place; the identity when training alone (no group)."""
+    if dist.is_initialized():
         dist.all_reduce(t)
-        t.div_(world_size)
+        t.div_(dist.get_world_size())
     return t
 
 
@@ -105,7 +106,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
             model.theta.grad = None
             loss = model.loss(x[idx], y[idx])
             loss.sum().backward()  # members are independent: d(sum)/d(theta_k) = d(loss_k)/d(theta_k)
-            grad = all_reduce_mean(model.theta.grad, env.world_size)
+            grad = all_reduce_mean(model.theta.grad)
             slot = len(pending)
             buf[slot, :, :S] = model.segment_norms(grad)
             buf[slot, :, S] = loss.detach()
@@ -116,7 +117,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
             if len(pending) == tc.log_every:
                 flush_steps()
         flush_steps()
-        train_loss = all_reduce_mean(loss_sum, env.world_size) / max(epoch_steps, 1)
+        train_loss = all_reduce_mean(loss_sum) / max(epoch_steps, 1)
         if sink is not None:
             final = epoch_metrics(epoch, {"train/loss": train_loss.cpu().numpy()})
         if step >= total_steps:
