@@ -32,6 +32,20 @@ def _train(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from distnet import sweep
+
+    sw = sweep.load_sweep(args.config, args.overrides)  # every cell validated before anything starts
+    from distnet import launch, tracking
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    result = launch.run_sweep(sw, uri, data_dir=args.data_dir, address=args.address, force=args.force)
+    for r in result.failed:
+        print(f"FAILED {r['cell']}: {tracking.short_reason(r['error'])} (run {r['run_id']})")
+    print(f"summary.csv logged to the sweep's parent run {result.parent_run_id}; open the UI: {tracking.ui_command(uri)}")
+    return 1 if result.failed else 0
+
+
 def _list(args) -> int:
     print(registry.describe())
     return 0
@@ -62,6 +76,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="MNIST folder (default $DISTNET_DATA, ../shared/data/mnist, ~/.cache/distnet/mnist)")
     t.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray started here)")
     t.set_defaults(func=_train)
+
+    sw = sub.add_parser("sweep", help="run a grid of trainings (cells packed into populations), one MLflow run per cell")
+    sw.add_argument("config", help="sweep YAML: a run config plus grid: and sweep: sections")
+    sw.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
+    sw.add_argument("--force", action="store_true", help="re-run every cell, finished ones too")
+    for flag in ("--tracking-uri", "--data-dir", "--address"):
+        sw.add_argument(flag, help="as for train")
+    sw.set_defaults(func=_sweep)
 
     sub.add_parser("list", help="print the registered inits, activations and losses").set_defaults(func=_list)
 

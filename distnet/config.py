@@ -101,6 +101,13 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """Fault injection, to exercise failure handling (tests, chaos drills). Off by default."""
+
+    raise_at_step: Optional[int] = field(default=None, metadata=_at_least(0))
+
+
+@dataclass(frozen=True)
 class MemberSpec:
     """One population member's own settings; None falls back to the run-level value."""
 
@@ -133,6 +140,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    fault: FaultConfig = FaultConfig()
     population: list[MemberSpec] = field(default_factory=list)
 
     @property
@@ -194,25 +202,33 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def nest(dotted: dict[str, Any]) -> dict:
+    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    out: dict = {}
+    for key, v in dotted.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
 def parse_overrides(items: list[str]) -> dict:
     """`a.b=1` strings into a nested dict; values are parsed as YAML (so 0.5, [1,2], true work)."""
-    nested: dict = {}
+    dotted = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(item, item, "overrides take the form key=value, e.g. train.lr=0.5")
-        node = nested
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
-    return nested
+        dotted[key] = yaml.safe_load(raw)
+    return nest(dotted)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -235,7 +251,7 @@ def _check_value(path: str, value: Any, tp, meta: dict) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(path, value, f"must be a mapping with keys {_field_names(tp)}")
-        return _build(tp, value, path + ".")
+        return build_dataclass(tp, value, path + ".")
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(path, value, "must be true or false")
@@ -262,7 +278,7 @@ def _field_names(cls) -> str:
     return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
-def _build(cls, raw: dict, prefix: str = ""):
+def build_dataclass(cls, raw: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
@@ -312,7 +328,7 @@ def build_config(raw: dict) -> Config:
     """Validate a merged raw mapping into a Config (raises ConfigError)."""
     if not isinstance(raw, dict):
         raise ConfigError("<config>", raw, "must be a YAML mapping")
-    raw = _merge({}, raw)  # a copy: defaults below must not leak into the caller's dict
+    raw = merge({}, raw)  # a copy: defaults below must not leak into the caller's dict
     if raw.get("nielsen") is True:
         for dotted, allowed in NIELSEN.items():
             _set_default(raw, dotted, allowed[0])
@@ -322,7 +338,7 @@ def build_config(raw: dict) -> Config:
     if "model" in raw and not isinstance(raw["model"], dict):
         raise ConfigError("model", raw["model"], f"must be a mapping with keys {_field_names(ModelConfig)}")
     raw["model"] = _resolve_sizes(raw.get("model", {}))
-    cfg = _build(Config, raw)
+    cfg = build_dataclass(Config, raw)
     batch, workers = cfg.train.batch_size, cfg.ray.num_workers
     if batch % workers:
         raise ConfigError(
@@ -344,7 +360,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError("<config file>", str(path), f"cannot be read: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ConfigError("<config file>", str(path), f"is not valid YAML: {e}") from None
-    return build_config(_merge(raw, parse_overrides(list(overrides))))
+    return build_config(merge(raw, parse_overrides(list(overrides))))
 
 
 def dump_yaml(d: dict) -> str:

@@ -137,10 +137,12 @@ class PopulationSGD:
         self.velocity = torch.zeros_like(theta) if momentum else None
 
     @torch.no_grad()
-    def step(self, grad: Tensor) -> None:
+    def step(self, grad: Tensor, alive: Tensor) -> None:
+        """Update the members with alive[k]; the others stay frozen (where, not a multiply: their
+        gradient may be NaN)."""
         theta = self.model.theta
         if self.decay is not None:
             grad = grad + self.decay * theta
         if self.velocity is not None:
             grad = self.velocity.mul_(self.momentum).add_(grad)
-        theta.sub_(self.lr * grad)
+        theta.sub_(torch.where(alive.unsqueeze(1), self.lr * grad, 0.0))

@@ -62,33 +62,82 @@ def member_tags(cfg: Config, k: int) -> dict[str, str]:
     }
 
 
-def create_runs(uri: str, cfg: Config) -> list[str]:
-    """One run per member with its resolved config as params, tags and `config.yaml`; returns ids."""
+def create_runs(uri: str, cfg: Config, parent_run_id: str | None = None,
+                extra_tags: list[dict[str, str]] | None = None) -> list[str]:
+    """One run per member with its resolved config as params, tags and `config.yaml`; returns ids.
+    Under a sweep, each is a child of `parent_run_id` and carries its cell's `extra_tags`."""
     client = MlflowClient(uri)
     exp_id = _experiment_id(client, uri, cfg.mlflow.experiment)
     run_ids = []
     population = len(cfg.members)
     for k in range(population):
         name = cfg.name if population == 1 else f"{cfg.name}-m{k}"
-        run = client.create_run(exp_id, run_name=name, tags=member_tags(cfg, k))
+        tags = member_tags(cfg, k)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        tags.update(extra_tags[k] if extra_tags else {})
+        run = retry_locked(client.create_run, exp_id, run_name=tags.pop("mlflow.runName", name), tags=tags)
         mc = cfg.member_config(k)
         params = [Param(key, str(v)) for key, v in flatten(mc).items()]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            client.log_batch(run.info.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
+            retry_locked(client.log_batch, run.info.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
         client.log_text(run.info.run_id, dump_yaml(mc), "config.yaml")
         run_ids.append(run.info.run_id)
     return run_ids
 
 
-def end_runs(uri: str, run_ids: list[str], error: BaseException | None = None) -> None:
-    """FINISHED, or FAILED with the reason as a tag and an `error.txt` artifact."""
+def short_reason(error_text: str) -> str:
+    """The line that says what went wrong: the last line of a (remote) traceback."""
+    lines = [l.strip() for l in error_text.strip().splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+def retry_locked(fn, *args, attempts: int = 8, **kwargs):
+    """Call fn, retrying while a local sqlite store is locked by another writer. Every MLflow write
+    we make is one transaction, so a retried call never writes twice."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if "database is locked" not in str(e) or i == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**i)
+
+
+def end_runs(uri: str, run_ids: list[str], error: BaseException | None = None,
+             diverged: dict[int, int] | None = None) -> None:
+    """FINISHED with `distnet.status` finished or diverged (and the step), or FAILED with the
+    reason as a tag and an `error.txt` artifact."""
     client = MlflowClient(uri)
-    for run_id in run_ids:
+    diverged = diverged or {}
+    for k, run_id in enumerate(run_ids):
         if error is not None:
             reason = f"{type(error).__name__}: {error}"
-            client.log_batch(run_id, tags=[RunTag("distnet.error", reason[:5000])])
-            client.log_text(run_id, reason, "error.txt")
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if error else RunStatus.FINISHED))
+            tags = [RunTag("distnet.status", "failed"), RunTag("distnet.error", reason[:5000])]
+            retry_locked(client.log_text, run_id, reason, "error.txt")
+        elif k in diverged:
+            tags = [RunTag("distnet.status", "diverged"), RunTag("distnet.diverged_step", str(diverged[k]))]
+        else:
+            tags = [RunTag("distnet.status", "finished")]
+        retry_locked(client.log_batch, run_id, tags=tags)
+        status = RunStatus.FAILED if error is not None else RunStatus.FINISHED
+        retry_locked(client.set_terminated, run_id, RunStatus.to_string(status))
+
+
+class closing_runs:
+    """`with closing_runs(uri, ids) as outcome:` ends the runs when the block ends: FAILED with the
+    reason if it raised (and re-raises), else FINISHED with `outcome.diverged` marked."""
+
+    def __init__(self, uri: str, run_ids: list[str]):
+        self.uri, self.run_ids = uri, run_ids
+        self.diverged: dict[int, int] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        end_runs(self.uri, self.run_ids, error=exc, diverged=self.diverged)
+        return False
 
 
 class MlflowSink:
@@ -101,11 +150,13 @@ class MlflowSink:
         self.buffers: list[list[Metric]] = [[] for _ in run_ids]
         self.on_progress = on_progress
 
-    def log(self, step: int, values: dict[str, np.ndarray]) -> None:
+    def log(self, step: int, values: dict[str, np.ndarray], active: np.ndarray) -> None:
         ts = int(time.time() * 1000)
+        members = np.flatnonzero(active)
         for name, per_member in values.items():
-            for buf, v in zip(self.buffers, np.asarray(per_member, dtype=np.float64).tolist()):
-                buf.append(Metric(name, v, ts, step))
+            v = np.asarray(per_member, dtype=np.float64)
+            for k in members:
+                self.buffers[k].append(Metric(name, float(v[k]), ts, step))
 
     def progress(self, state: dict) -> None:
         if self.on_progress is not None:
@@ -114,5 +165,73 @@ class MlflowSink:
     def flush(self) -> None:
         for run_id, buf in zip(self.run_ids, self.buffers):
             for i in range(0, len(buf), MAX_METRICS_PER_BATCH):
-                self.client.log_batch(run_id, metrics=buf[i:i + MAX_METRICS_PER_BATCH])
+                retry_locked(self.client.log_batch, run_id, metrics=buf[i:i + MAX_METRICS_PER_BATCH])
             buf.clear()
+
+
+# ---------------------------------------------------------------- sweeps
+def sweep_parent(uri: str, experiment: str, name: str, sweep_id: str, params: dict[str, str]) -> str:
+    """The sweep's parent run: found by its id tag (a re-run of the same sweep reuses it, RUNNING
+    again), else created with the grid as params."""
+    client = MlflowClient(uri)
+    exp_id = _experiment_id(client, uri, experiment)
+    found = client.search_runs([exp_id], f"tags.`distnet.sweep_id` = '{sweep_id}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        retry_locked(client.update_run, run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return run_id
+    run = retry_locked(client.create_run, exp_id, run_name=name,
+                       tags={"distnet.sweep_id": sweep_id, "distnet.kind": "sweep"})
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        retry_locked(client.log_batch, run.info.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+    return run.info.run_id
+
+
+def child_runs(uri: str, parent_run_id: str) -> list:
+    """Every live (not deleted) child run of a sweep's parent."""
+    client = MlflowClient(uri)
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def delete_runs(uri: str, run_ids: list[str]) -> None:
+    """Soft-delete (recoverable in the UI): a cell about to be re-run keeps one live run."""
+    client = MlflowClient(uri)
+    for run_id in run_ids:
+        retry_locked(client.delete_run, run_id)
+
+
+def finish_parent(uri: str, run_id: str, summary_csv: str) -> None:
+    client = MlflowClient(uri)
+    client.log_text(run_id, summary_csv, "summary.csv")
+    retry_locked(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def cell_summary(uri: str, run, n_layers: int, eval_prefix: str) -> dict:
+    """What a sweep's summary shows of one cell's run: status, final accuracy, and the layer-1 /
+    last-layer weight-gradient-norm ratio at the first and the last logged step."""
+    client = MlflowClient(uri)
+    first = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "grad_norm/w/layer_1")}
+    last = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"grad_norm/w/layer_{n_layers}")}
+    steps = sorted(set(first) & set(last))
+
+    def ratio(step):
+        return first[step] / last[step] if last[step] else float("nan")
+
+    status = run.data.tags.get("distnet.status") or run.info.status.lower()
+    return {
+        "status": status + (f"@{run.data.tags['distnet.diverged_step']}" if status == "diverged" else ""),
+        "acc": run.data.metrics.get(f"{eval_prefix}/acc", float("nan")),
+        "ratio_init": ratio(steps[0]) if steps else float("nan"),
+        "ratio_end": ratio(steps[-1]) if steps else float("nan"),
+        "run_id": run.info.run_id,
+        "error": run.data.tags.get("distnet.error", ""),
+    }

@@ -24,11 +24,14 @@ from distnet.model import PopulationMLP, PopulationSGD, init_theta
 class Sink(Protocol):
     """Where rank 0's metrics go (MLflow in a real run). Values are per member: arrays of [P]."""
 
-    def log(self, step: int, values: dict[str, np.ndarray]) -> None: ...
+    def log(self, step: int, values: dict[str, np.ndarray], active: np.ndarray) -> None:
+        """Record values[name][k] for every member k with active[k]."""
 
-    def progress(self, state: dict) -> None: ...
+    def progress(self, state: dict) -> None:
+        """Where the training is (step, epoch, loss, accuracy), for the driver's progress line."""
 
-    def flush(self) -> None: ...
+    def flush(self) -> None:
+        """Write what log() buffered; called once per epoch."""
 
 
 @dataclass(frozen=True)
@@ -77,20 +80,27 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     P, S = model.population, model.n_segments
     buf = torch.empty(tc.log_every, P, S + 1, device=env.device)
     pending: list[int] = []  # global steps whose rows in buf are not yet on the host
+    # A member diverges at the first step whose all-reduced gradient has a non-finite norm (the same
+    # on every rank); it is frozen there and the others go on.
+    alive = torch.ones(P, dtype=torch.bool, device=env.device)
+    diverged_at = torch.full((P,), -1, dtype=torch.long, device=env.device)
 
     def flush_steps():
         if sink is not None and pending:
-            rows = buf[: len(pending)].cpu().numpy()
+            rows, div = buf[: len(pending)].cpu().numpy(), diverged_at.cpu().numpy()
             for step, row in zip(pending, rows):
-                sink.log(step, {name: row[:, j] for j, name in enumerate(names)})
-            sink.progress({"step": pending[-1] + 1, "total_steps": total_steps, "loss": float(rows[-1, :, S].mean())})
+                active = (div < 0) | (step <= div)  # a diverged member's series ends at its divergence
+                sink.log(step, {name: row[:, j] for j, name in enumerate(names)}, active)
+            sink.progress({"step": pending[-1] + 1, "total_steps": total_steps, "loss": float(np.nanmean(rows[-1, :, S]))})
         pending.clear()
 
     def epoch_metrics(epoch: int, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = {**extra, **metrics.probe(model, probe_x, probe_y),
                   **metrics.evaluate(model, d["eval_x"], d["eval_y"], eval_prefix)}
-        sink.log(epoch, values)
-        sink.progress({"epoch": epoch, "acc": float(values[f"{eval_prefix}/acc"].mean())})
+        active = (diverged_at < 0).cpu().numpy()
+        sink.log(epoch, values, active)
+        if active.any():
+            sink.progress({"epoch": epoch, "acc": float(values[f"{eval_prefix}/acc"][active].mean())})
         sink.flush()
         return values
 
@@ -102,24 +112,33 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
         loss_sum = torch.zeros(P, device=env.device)
         epoch_steps = min(steps_per_epoch, total_steps - step)
         for i in range(epoch_steps):
+            if step == cfg.fault.raise_at_step:
+                raise RuntimeError(f"fault injection: fault.raise_at_step={step}")
             idx = batches[i]
             model.theta.grad = None
             loss = model.loss(x[idx], y[idx])
             loss.sum().backward()  # members are independent: d(sum)/d(theta_k) = d(loss_k)/d(theta_k)
             grad = all_reduce_mean(model.theta.grad)
+            norms = model.segment_norms(grad)
+            finite = torch.isfinite(norms).all(1)
+            diverged_at = torch.where(alive & ~finite, step, diverged_at)
+            alive &= finite
             slot = len(pending)
-            buf[slot, :, :S] = model.segment_norms(grad)
+            buf[slot, :, :S] = norms
             buf[slot, :, S] = loss.detach()
             loss_sum += loss.detach()
-            opt.step(grad)
+            opt.step(grad, alive)
             pending.append(step)
             step += 1
             if len(pending) == tc.log_every:
                 flush_steps()
         flush_steps()
         train_loss = all_reduce_mean(loss_sum) / max(epoch_steps, 1)
+        diverged_at = torch.where(alive & ~torch.isfinite(train_loss), step - 1, diverged_at)
+        alive &= torch.isfinite(train_loss)
         if sink is not None:
             final = epoch_metrics(epoch, {"train/loss": train_loss.cpu().numpy()})
-        if step >= total_steps:
+        if step >= total_steps or not alive.any():  # one host sync per epoch, on every rank alike
             break
-    return {"theta": model.theta.detach().cpu(), "metrics": final, "steps": step}
+    diverged = {k: int(s) for k, s in enumerate(diverged_at.tolist()) if s >= 0}
+    return {"theta": model.theta.detach().cpu(), "metrics": final, "steps": step, "diverged": diverged}

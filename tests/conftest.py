@@ -33,8 +33,8 @@ class RecordingSink:
     def __init__(self):
         self.logged: list[tuple[int, dict[str, np.ndarray]]] = []
 
-    def log(self, step, values):
-        self.logged.append((step, {k: np.array(v) for k, v in values.items()}))
+    def log(self, step, values, active):
+        self.logged.append((step, {k: np.where(active, v, np.nan) for k, v in values.items()}))
 
     def progress(self, state):
         pass

@@ -1,0 +1,145 @@
+"""Grid sweeps: a base config plus axes -> cells -> populations.
+
+A sweep file is a run config with two more sections:
+
+    grid:                       # dotted config keys -> values; the cells are the product
+      model.depth: [1, 2, 3]
+      model.init: [nielsen, xavier_normal]
+      seed: [0, 1, 2]
+    sweep:
+      pack: 16                  # at most this many cells per training (population)
+      max_concurrent: 2         # trainings at once (default: what the cluster's resources allow)
+
+A cell is one member's training and one MLflow run. Its id is a hash of its resolved config
+(less name, ray and mlflow: they do not change what is trained), so a re-run recognises it. Cells
+that differ only in member settings (init, gain, seed, lr) share a training: one population.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from distnet import config as C
+from distnet.config import Config, ConfigError, MemberSpec
+
+# Resolved-config keys that population members may differ in (everything else must be shared).
+MEMBER_KEYS = ("seed", "model.init", "model.sigma_w", "model.sigma_b", "train.lr")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    pack: int = field(default=16, metadata={"min": 1, "exclusive": False})
+    max_concurrent: Optional[int] = field(default=None, metadata={"min": 1, "exclusive": False})
+
+
+@dataclass(frozen=True)
+class Cell:
+    id: str
+    axes: dict[str, Any]  # the grid values that make this cell
+    config: Config  # a single-member config
+
+    @property
+    def label(self) -> str:
+        return ",".join(f"{k.split('.')[-1]}={v}" for k, v in self.axes.items())
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    id: str  # hash of the base config and the grid: the parent run's identity
+    grid: dict[str, list]
+    settings: SweepSettings
+    cells: list[Cell]
+
+
+def identity(cfg: Config) -> dict:
+    d = cfg.member_config(0)
+    for k in ("name", "ray", "mlflow"):
+        d.pop(k)
+    return d
+
+
+def build_sweep(raw: dict) -> Sweep:
+    raw = dict(raw)
+    grid = C.flatten(raw.pop("grid", None) or {})
+    if not grid:
+        raise ConfigError("grid", None, "a sweep needs a non-empty grid: {dotted.key: [values, ...]}")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid.{key}", values, "must be a non-empty list of values")
+    settings = C.build_dataclass(SweepSettings, raw.pop("sweep", None) or {}, "sweep.")
+    if raw.get("population"):
+        raise ConfigError("population", raw["population"], "a sweep's cells are single members: use grid axes")
+    cells, seen = [], {}
+    for combo in itertools.product(*grid.values()):
+        axes = dict(zip(grid, combo))
+        try:
+            cfg = C.build_config(C.merge(raw, C.nest(axes)))
+        except ConfigError as e:
+            raise ConfigError(e.field, e.value, f"{e.allowed} (in grid cell {axes})") from None
+        cell = Cell(C.config_hash(identity(cfg)), axes, cfg)
+        if cell.id in seen:
+            raise ConfigError("grid", axes, f"makes the same training as {seen[cell.id]}")
+        seen[cell.id] = axes
+        cells.append(cell)
+    name = cells[0].config.name
+    sweep_id = C.config_hash({"base": {k: v for k, v in raw.items() if k not in ("ray", "mlflow")}, "grid": grid})
+    return Sweep(name, sweep_id, grid, settings, cells)
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError("<sweep file>", str(path), f"cannot be read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("<sweep file>", str(path), f"is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("<sweep file>", str(path), "must be a YAML mapping")
+    return build_sweep(C.merge(raw, C.parse_overrides(list(overrides))))
+
+
+def _training_key(cell: Cell) -> str:
+    shared = C.flatten(identity(cell.config))
+    return C.config_hash({k: v for k, v in shared.items() if k not in MEMBER_KEYS})
+
+
+def packs(cells: list[Cell], pack: int) -> list[list[Cell]]:
+    """Cells grouped by everything but member settings, each group cut into chunks of `pack`."""
+    groups: dict[str, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault(_training_key(c), []).append(c)
+    return [g[i:i + pack] for g in groups.values() for i in range(0, len(g), pack)]
+
+
+def population_config(cells: list[Cell], name: str) -> Config:
+    """One training for a pack: the first cell's shared settings, one member per cell."""
+    members = [c.config.members[0] for c in cells]
+    specs = [MemberSpec(m.init, m.sigma_w, m.sigma_b, m.seed, m.lr) for m in members]
+    return dataclasses.replace(cells[0].config, name=name, population=specs)
+
+
+SUMMARY_COLUMNS = ("cell", "status", "acc", "ratio_init", "ratio_end", "run_id")
+
+
+def summary_csv(rows: list[dict]) -> str:
+    lines = [",".join(SUMMARY_COLUMNS)]
+    lines += [",".join(f'"{r[c]}"' if c == "cell" else str(r[c]) for c in SUMMARY_COLUMNS) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(rows: list[dict], eval_name: str) -> str:
+    """Fixed-width table for the terminal: ratio = |grad W_1| / |grad W_L| at init and at the end."""
+    width = max([len("cell")] + [len(r["cell"]) for r in rows])
+    head = f"{'cell':<{width}}  {'status':<14} {eval_name + ' acc':>9} {'g1/gL init':>11} {'g1/gL end':>11}  run"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        out.append(f"{r['cell']:<{width}}  {r['status']:<14} {100 * r['acc']:>8.2f}% "
+                   f"{r['ratio_init']:>11.3g} {r['ratio_end']:>11.3g}  {r['run_id']}")
+    return "\n".join(out)

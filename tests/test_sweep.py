@@ -1,0 +1,117 @@
+"""Sweeps on a real local Ray and a real MLflow sqlite store: cells, packing, resume, divergence,
+failures, concurrent writers."""
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from distnet import launch, metrics, sweep
+from distnet.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"train": {"epochs": 1, "log_every": 3}, "data": {"train_limit": 1280, "eval_limit": 300}}  # 10 steps
+
+
+def children(uri, parent):
+    client = MlflowClient(uri)
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def metric_rows(uri) -> int:
+    with sqlite3.connect(uri.removeprefix("sqlite:///")) as db:
+        return db.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
+
+
+@pytest.mark.parametrize("name,cells", [("nielsen_depth", 12), ("depth_init_grid", 216), ("glorot_bengio", 6)])
+def test_shipped_sweeps_validate(name, cells):
+    sw = sweep.load_sweep(ROOT / "configs" / f"{name}.yaml")
+    assert len(sw.cells) == cells and len({c.id for c in sw.cells}) == cells
+
+
+def test_packing_groups_by_shape_and_activation():
+    sw = sweep.load_sweep(ROOT / "configs" / "depth_init_grid.yaml")
+    groups = sweep.packs(sw.cells, 16)
+    assert len(groups) == 18 and all(len(g) == 12 for g in groups)
+    for g in groups:
+        assert len({(c.config.model.depth, c.config.model.activation) for c in g}) == 1
+    assert len(sweep.packs(sw.cells, 5)) == 18 * 3
+
+
+def test_bad_grid_fails_before_anything_with_the_field(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        sweep.build_sweep({"model": {"width": 30}, "grid": {"model.depth": [1, 2], "model.init": ["he", "orthogonal"]}})
+    assert e.value.field == "model.init" and "he_normal" in str(e.value)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {width: 30}\ngrid: {model.dpeth: [1, 2]}\n")
+    proc = subprocess.run([sys.executable, "-m", "distnet.cli", "sweep", str(bad)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "model.dpeth" in proc.stderr and not (tmp_path / "mlruns.db").exists()
+
+
+def test_grid_runs_once_and_resumes_without_logging_twice(ray_cluster, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = {"name": "g8", **TINY, "model": {"width": 20, "activation": "tanh"},
+           "ray": {"num_workers": 1, "cpus_per_worker": 0.5}, "mlflow": {"experiment": "sweeps"},
+           "sweep": {"pack": 2, "max_concurrent": 4},  # 4 trainings writing to one sqlite file at once
+           "grid": {"model.depth": [1, 2], "model.init": ["xavier_normal", "he_normal"], "seed": [0, 1]}}
+    sw = sweep.build_sweep(raw)
+    first = launch.run_sweep(sw, tracking_uri, say=lambda *_: None)
+    assert first.trained == 8
+    runs = children(tracking_uri, first.parent_run_id)
+    assert len(runs) == 8 and {r.data.tags["distnet.cell_id"] for r in runs} == {c.id for c in sw.cells}
+    client = MlflowClient(tracking_uri)
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["distnet.status"] == "finished"
+        assert {"model.depth", "model.init", "seed", "depth", "init", "activation"} <= set(r.data.tags)
+        assert r.data.params["model.depth"] == r.data.tags["model.depth"]
+        depth = int(r.data.tags["depth"])
+        for name in metrics.grad_norm_names(depth + 1):  # every step of every concurrent cell landed
+            assert sorted(m.step for m in client.get_metric_history(r.info.run_id, name)) == list(range(10))
+        for name in ["test/acc", "speed/layer_1", "act/saturated/layer_1"]:
+            assert sorted(m.step for m in client.get_metric_history(r.info.run_id, name)) == [0, 1]
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["grid.model.depth"] == "[1, 2]"
+    csv = Path(client.download_artifacts(first.parent_run_id, "summary.csv", str(tmp_path)))
+    assert len(csv.read_text().strip().splitlines()) == 1 + 8
+    assert all(r["status"] == "finished" and r["acc"] > 0.2 for r in first.rows)
+
+    rows_before = metric_rows(tracking_uri)
+    again = launch.run_sweep(sweep.build_sweep(raw), tracking_uri, say=lambda *_: None)
+    assert again.trained == 0 and again.parent_run_id == first.parent_run_id
+    assert metric_rows(tracking_uri) == rows_before
+    assert len(children(tracking_uri, first.parent_run_id)) == 8
+
+
+def test_divergence_and_failure_are_recorded_and_the_sweep_goes_on(ray_cluster, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = {"name": "bad", **TINY, "model": {"depth": 2, "width": 30, "activation": "relu"},
+           "ray": {"num_workers": 1}, "mlflow": {"experiment": "sweeps-bad"}, "sweep": {"max_concurrent": 2},
+           "grid": {"train.lr": [0.1, 1e4], "fault.raise_at_step": [None, 3]}}
+    result = launch.run_sweep(sweep.build_sweep(raw), tracking_uri, say=lambda *_: None)
+    by_cell = {r["cell"]: r for r in result.rows}
+    assert by_cell["lr=0.1,raise_at_step=None"]["status"] == "finished"
+    assert by_cell["lr=10000.0,raise_at_step=None"]["status"].startswith("diverged@")
+    assert {r["cell"] for r in result.failed} == {"lr=0.1,raise_at_step=3", "lr=10000.0,raise_at_step=3"}
+    client = MlflowClient(tracking_uri)
+    diverged = client.get_run(by_cell["lr=10000.0,raise_at_step=None"]["run_id"])
+    step = int(diverged.data.tags["distnet.diverged_step"])
+    assert diverged.info.status == "FINISHED" and step < 10
+    history = client.get_metric_history(diverged.info.run_id, "grad_norm/w/layer_1")
+    assert max(m.step for m in history) == step  # its series stops where it diverged
+    healthy = client.get_metric_history(by_cell["lr=0.1,raise_at_step=None"]["run_id"], "grad_norm/w/layer_1")
+    assert len(healthy) == 10  # the other member of the same population went on
+    for r in result.failed:
+        run = client.get_run(r["run_id"])
+        assert run.info.status == "FAILED" and "fault injection" in run.data.tags["distnet.error"]
+        assert "fault injection" in Path(client.download_artifacts(r["run_id"], "error.txt", str(tmp_path))).read_text()
+
+    again = launch.run_sweep(sweep.build_sweep(raw), tracking_uri, say=lambda *_: None)
+    assert again.trained == 2  # only the failed cells are re-run ...
+    live = children(tracking_uri, result.parent_run_id)
+    assert len(live) == 4  # ... and replace their old runs, which are deleted
+    assert {r.info.run_id for r in live} >= {by_cell["lr=0.1,raise_at_step=None"]["run_id"]}
