@@ -1,17 +1,24 @@
-"""Ray Train at the edge: run one training (one population) on a Ray cluster.
+"""Ray at the edge: run trainings (populations) on a Ray cluster with Ray Train V2.
 
-The driver verifies the data once, creates the MLflow runs, puts the arrays in the object store and
-starts a Ray Train V2 TorchTrainer (gloo on CPU, NCCL with one GPU per worker). Each worker takes the
-arrays from the object store (so only the driver needs the files) and runs the plain-PyTorch loop in
-worker.py. Rank 0 reports the final parameters as the run's checkpoint.
+A *job* is one population's training: its config, its MLflow run ids, and a reference to the data
+in the object store. A *lane* is one TorchTrainer (gloo on CPU, NCCL with one GPU per worker) whose
+workers take jobs from a queue actor one after another, so a sweep pays Ray Train's start-up
+(about 15 s here) once per lane instead of once per job. `distnet train` is one lane with one job.
+
+Each worker gets the arrays from the object store (only the driver needs the files) and runs the
+plain-PyTorch loop in worker.py. After each job rank 0 reports the final parameters as a checkpoint
+and ends the job's MLflow runs; if a lane's trainer fails, the job it was on is recorded FAILED and
+the lane starts a new trainer for the rest of the queue.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +32,13 @@ from ray.train.torch import TorchTrainer
 from distnet import data, sweep, tracking, worker
 from distnet.config import Config
 from distnet.progress import ProgressPrinter
+
+
+@dataclass(frozen=True)
+class Job:
+    cfg: Config
+    run_ids: list[str]
+    data: ray.ObjectRef
 
 
 @dataclass
@@ -50,25 +64,52 @@ class ProgressBoard:
         return self.state
 
 
+@ray.remote(num_cpus=0)
+class JobQueue:
+    """Hands jobs to lanes. Every rank of a lane asks for its lane's n-th job and gets the same one;
+    rank 0 marks it done. A job taken and not done is in flight: what a failed trainer was on."""
+
+    def __init__(self, jobs: list[Job]):
+        self.waiting = deque(jobs)
+        self.taken: dict[tuple[int, int], Job | None] = {}
+        self.in_flight: dict[int, tuple[int, Job]] = {}
+        self.outcomes: list[dict] = []
+
+    def take(self, lane: int, seq: int) -> Job | None:
+        if (lane, seq) not in self.taken:
+            job = self.waiting.popleft() if self.waiting else None
+            self.taken[(lane, seq)] = job
+            if job is not None:
+                self.in_flight[lane] = (seq, job)
+        return self.taken[(lane, seq)]
+
+    def done(self, lane: int, outcome: dict) -> None:
+        _, job = self.in_flight.pop(lane)
+        self.outcomes.append({"cells": len(job.run_ids), **outcome})
+
+    def fail_in_flight(self, lane: int, error: str) -> Job | None:
+        """The lane's trainer died: its job counts as failed; the lane's next trainer starts afresh
+        at sequence 0, so its old (lane, seq) answers are forgotten."""
+        self.taken = {k: v for k, v in self.taken.items() if k[0] != lane}
+        if lane not in self.in_flight:
+            return None
+        _, job = self.in_flight.pop(lane)
+        self.outcomes.append({"cells": len(job.run_ids), "error": error})
+        return job
+
+    def status(self) -> dict:
+        return {"waiting": len(self.waiting), "outcomes": list(self.outcomes),
+                "running": sum(len(j.run_ids) for _, j in self.in_flight.values())}
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Connect to `address` (or $RAY_ADDRESS), or start a local Ray in-process."""
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
 
 
-def _train_loop(loop_config: dict) -> None:
-    """Runs in every Ray Train worker: unpack, call the plain-PyTorch loop, report the result."""
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    env = worker.WorkerEnv(rank, ctx.get_world_size(), ray.train.torch.get_device())
-    (arrays,) = ray.get(loop_config["data"])
-    sink = None
-    if rank == 0:
-        board = loop_config["board"]
-        sink = tracking.MlflowSink(loop_config["tracking_uri"], loop_config["run_ids"],
-                                   on_progress=board and (lambda s: board.update.remote(s)))
-    out = worker.train(loop_config["cfg"], arrays, env, sink)
-    # Every rank must call report the same number of times; rank 0 alone carries the checkpoint.
+def _report_job(rank: int, out: dict) -> None:
+    """Every rank must call report the same number of times; rank 0 alone carries the checkpoint."""
     if rank != 0:
         ray.train.report({}, checkpoint=None)
         return
@@ -80,61 +121,82 @@ def _train_loop(loop_config: dict) -> None:
         ray.train.report({"steps": out["steps"]}, checkpoint=Checkpoint.from_directory(tmp))
 
 
+def _train_loop(loop_config: dict) -> None:
+    """Runs in every Ray Train worker of a lane: take jobs until the queue is empty."""
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    env = worker.WorkerEnv(rank, ctx.get_world_size(), ray.train.torch.get_device())
+    queue, lane, uri, board = loop_config["queue"], loop_config["lane"], loop_config["tracking_uri"], loop_config["board"]
+    seq = 0
+    while (job := ray.get(queue.take.remote(lane, seq))) is not None:
+        (arrays,) = ray.get([job.data])
+        sink = None
+        if rank == 0:
+            sink = tracking.MlflowSink(uri, job.run_ids, on_progress=board and (lambda s: board.update.remote(s)))
+        out = worker.train(job.cfg, arrays, env, sink)
+        _report_job(rank, out)
+        if rank == 0:
+            tracking.end_runs(uri, job.run_ids, diverged=out["diverged"])
+            ray.get(queue.done.remote(lane, {"diverged": len(out["diverged"])}))
+        seq += 1
+
+
 def _storage_path(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def fit(cfg: Config, data_ref: ray.ObjectRef, tracking_uri: str, run_ids: list[str],
-        board: ray.actor.ActorHandle | None = None) -> TrainingResult:
-    """One population's training on the connected Ray cluster; its MLflow runs already exist.
-    With a progress board, the driver shows the progress line while it runs."""
+def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri: str,
+             board: ray.actor.ActorHandle | None = None) -> ray.train.Result:
+    """One TorchTrainer that trains the queue's jobs until it is empty. `cfg` sets the scaling (every
+    job of a lane shares it); with a progress board the driver shows the progress line."""
+    # Ray Train polls its workers every 2 s by default, which adds seconds to every short training.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     trainer = TorchTrainer(
         _train_loop,
-        # The ObjectRef sits inside a list so Ray passes the reference, not a copy, to each worker.
-        train_loop_config={"cfg": cfg, "data": [data_ref], "tracking_uri": tracking_uri,
-                           "run_ids": run_ids, "board": board},
+        train_loop_config={"queue": queue, "lane": lane, "tracking_uri": tracking_uri, "board": board},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
                              storage_path=_storage_path(cfg.ray.storage_path)),
     )
-    if board is not None:
-        eval_name = "test" if cfg.data.split == "test" else "val"
-        with ProgressPrinter(lambda: ray.get(board.get.remote(), timeout=10), cfg.train.epochs, eval_name):
-            result = trainer.fit()
-    else:
-        result = trainer.fit()
-    with result.checkpoint.as_directory() as d:
-        theta = torch.load(Path(d) / "theta.pt")
-        final = json.loads((Path(d) / "final.json").read_text())
-    return TrainingResult(run_ids, theta, final["metrics"], final["steps"],
-                          {int(k): v for k, v in final["diverged"].items()})
+    if board is None:
+        return trainer.fit()
+    eval_name = "test" if cfg.data.split == "test" else "val"
+    with ProgressPrinter(lambda: ray.get(board.get.remote(), timeout=10), cfg.train.epochs, eval_name):
+        return trainer.fit()
 
 
 def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, address: str | None = None,
                  show_progress: bool = True) -> TrainingResult:
-    """`distnet train`: verify the data, create the runs, train, end the runs."""
+    """`distnet train`: verify the data, create the runs, train (one lane, one job)."""
     arrays = data.select(data.load_mnist(data_dir), cfg.data.split, cfg.data.train_limit, cfg.data.eval_limit)
     run_ids = tracking.create_runs(tracking_uri, cfg)
-    with tracking.closing_runs(tracking_uri, run_ids) as outcome:
+    try:
         ensure_ray(address)
-        board = ProgressBoard.remote() if show_progress else None
-        result = fit(cfg, ray.put(arrays), tracking_uri, run_ids, board)
-        outcome.diverged = result.diverged
-    return result
+        queue = JobQueue.remote([Job(cfg, run_ids, ray.put(arrays))])
+        result = fit_lane(cfg, queue, 0, tracking_uri, ProgressBoard.remote() if show_progress else None)
+        with result.checkpoint.as_directory() as d:
+            theta = torch.load(Path(d) / "theta.pt")
+            final = json.loads((Path(d) / "final.json").read_text())
+    except BaseException as e:
+        tracking.fail_runs(tracking_uri, run_ids, e)
+        raise
+    return TrainingResult(run_ids, theta, final["metrics"], final["steps"],
+                          {int(k): v for k, v in final["diverged"].items()})
 
 
 # ---------------------------------------------------------------- sweeps
 @ray.remote(num_cpus=0)
-def _sweep_training(cfg: Config, data_refs: list, tracking_uri: str, run_ids: list[str]) -> dict:
-    """One pack of a sweep as a Ray task: a failure is recorded on its runs and returned, so the
-    sweep goes on. (The task holds no CPU; the trainer's workers reserve theirs.)"""
-    try:
-        with tracking.closing_runs(tracking_uri, run_ids) as outcome:
-            outcome.diverged = fit(cfg, data_refs[0], tracking_uri, run_ids).diverged
-    except Exception as e:
-        return {"error": f"{type(e).__name__}: {e}"}
-    return {"diverged": outcome.diverged}
+def _lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri: str) -> None:
+    """A sweep lane as a Ray task (it holds no CPU; its trainer's workers reserve theirs). A trainer
+    that fails marks the job it was on FAILED; the lane goes on with a new trainer."""
+    while ray.get(queue.status.remote())["waiting"]:
+        try:
+            fit_lane(cfg, queue, lane, tracking_uri)
+        except Exception as e:
+            job = ray.get(queue.fail_in_flight.remote(lane, f"{type(e).__name__}: {e}"))
+            if job is not None:
+                tracking.fail_runs(tracking_uri, job.run_ids, e)
 
 
 @dataclass
@@ -156,10 +218,18 @@ def default_concurrency(cfg: Config) -> int:
     return max(1, int(res.get("CPU", 1) // (cfg.ray.num_workers * cfg.ray.cpus_per_worker)))
 
 
+def _progress_line(status: dict, total: int) -> str:
+    failed = sum(o["cells"] for o in status["outcomes"] if "error" in o)
+    diverged = sum(o.get("diverged", 0) for o in status["outcomes"])
+    done = sum(o["cells"] for o in status["outcomes"]) - failed - diverged
+    waiting = total - done - failed - diverged - status["running"]
+    return f"  cells: {done} done, {status['running']} running, {diverged} diverged, {failed} failed, {waiting} waiting"
+
+
 def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, address: str | None = None,
               force: bool = False, say=print) -> SweepResult:
-    """`distnet sweep`: skip finished cells, pack the rest into populations, run the trainings
-    concurrently as Ray tasks, then summarise every cell from the MLflow store."""
+    """`distnet sweep`: skip finished cells, pack the rest into populations (jobs), run them on
+    concurrent lanes, then summarise every cell from the MLflow store."""
     first = sw.cells[0].config
     mnist = data.load_mnist(data_dir)
     grid_params = {f"grid.{k}": v for k, v in sw.grid.items()} | {f"sweep.{k}": v for k, v in vars(sw.settings).items()}
@@ -176,39 +246,32 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
         todo.append(cell)
     tracking.delete_runs(tracking_uri, [r.info.run_id for r in stale])
     groups = sweep.packs(todo, sw.settings.pack)
-    say(f"sweep {sw.name}: {len(sw.cells)} cells, {len(sw.cells) - len(todo)} already finished, "
-        f"{len(todo)} to train in {len(groups)} training(s); MLflow parent run {parent}")
     if groups:
         ensure_ray(address)
-        limit = sw.settings.max_concurrent or default_concurrency(first)
+        lanes = min(len(groups), sw.settings.max_concurrent or default_concurrency(first))
+        say(f"sweep {sw.name}: {len(sw.cells)} cells, {len(sw.cells) - len(todo)} already finished, "
+            f"{len(todo)} to train in {len(groups)} job(s) on {lanes} lane(s); MLflow parent run {parent}")
         data_refs: dict[tuple, ray.ObjectRef] = {}  # one object-store copy per distinct data selection
-        pending, running = list(enumerate(groups)), {}
-        counts = {"done": 0, "diverged": 0, "failed": 0}
-        while pending or running:
-            while pending and len(running) < limit:
-                i, group = pending.pop(0)
-                cfg = sweep.population_config(group, f"{sw.name}-{i}")
-                dc = cfg.data
-                key = (dc.split, dc.train_limit, dc.eval_limit)
-                if key not in data_refs:
-                    data_refs[key] = ray.put(data.select(mnist, *key))
-                tags = [{"distnet.cell_id": c.id, "mlflow.runName": f"{sw.name}/{c.label}",
-                         **{k: str(v) for k, v in c.axes.items()}} for c in group]
-                run_ids = tracking.create_runs(tracking_uri, cfg, parent, tags)
-                running[_sweep_training.remote(cfg, [data_refs[key]], tracking_uri, run_ids)] = group
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                group = running.pop(ref)
-                outcome = ray.get(ref)
-                if "error" in outcome:
-                    counts["failed"] += len(group)
-                    say(f"  training of {len(group)} cell(s) failed: {tracking.short_reason(outcome['error'])[:300]}")
-                else:
-                    counts["diverged"] += len(outcome["diverged"])
-                    counts["done"] += len(group) - len(outcome["diverged"])
-            in_flight = sum(len(g) for g in running.values())
-            say(f"  cells: {counts['done']} done, {in_flight} running, {counts['diverged']} diverged, "
-                f"{counts['failed']} failed, {len(todo) - in_flight - sum(counts.values())} waiting")
+        jobs = []
+        for i, group in enumerate(groups):
+            cfg = sweep.population_config(group, f"{sw.name}-{i}")
+            key = (cfg.data.split, cfg.data.train_limit, cfg.data.eval_limit)
+            if key not in data_refs:
+                data_refs[key] = ray.put(data.select(mnist, *key))
+            tags = [{"distnet.cell_id": c.id, "mlflow.runName": f"{sw.name}/{c.label}",
+                     **{k: str(v) for k, v in c.axes.items()}} for c in group]
+            jobs.append(Job(cfg, tracking.create_runs(tracking_uri, cfg, parent, tags), data_refs[key]))
+        queue = JobQueue.remote(jobs)
+        pending = [_lane.remote(first, queue, lane, tracking_uri) for lane in range(lanes)]
+        shown = None
+        while pending:
+            _, pending = ray.wait(pending, timeout=1.0)
+            line = _progress_line(ray.get(queue.status.remote()), len(todo))
+            if line != shown:
+                say(line)
+                shown = line
+    else:
+        say(f"sweep {sw.name}: all {len(sw.cells)} cells already finished; MLflow parent run {parent}")
     eval_prefix = "test" if first.data.split == "test" else "val"
     live = {r.data.tags.get("distnet.cell_id"): r for r in tracking.child_runs(tracking_uri, parent)}
     rows = [{"cell": c.label, **tracking.cell_summary(tracking_uri, live[c.id], len(c.config.sizes) - 1, eval_prefix)}

@@ -104,40 +104,28 @@ def retry_locked(fn, *args, attempts: int = 8, **kwargs):
             time.sleep(0.2 * 2**i)
 
 
-def end_runs(uri: str, run_ids: list[str], error: BaseException | None = None,
-             diverged: dict[int, int] | None = None) -> None:
-    """FINISHED with `distnet.status` finished or diverged (and the step), or FAILED with the
-    reason as a tag and an `error.txt` artifact."""
+def end_runs(uri: str, run_ids: list[str], diverged: dict[int, int] | None = None) -> None:
+    """FINISHED, tagged `distnet.status` finished, or diverged with `distnet.diverged_step`."""
     client = MlflowClient(uri)
     diverged = diverged or {}
     for k, run_id in enumerate(run_ids):
-        if error is not None:
-            reason = f"{type(error).__name__}: {error}"
-            tags = [RunTag("distnet.status", "failed"), RunTag("distnet.error", reason[:5000])]
-            retry_locked(client.log_text, run_id, reason, "error.txt")
-        elif k in diverged:
+        if k in diverged:
             tags = [RunTag("distnet.status", "diverged"), RunTag("distnet.diverged_step", str(diverged[k]))]
         else:
             tags = [RunTag("distnet.status", "finished")]
         retry_locked(client.log_batch, run_id, tags=tags)
-        status = RunStatus.FAILED if error is not None else RunStatus.FINISHED
-        retry_locked(client.set_terminated, run_id, RunStatus.to_string(status))
+        retry_locked(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
-class closing_runs:
-    """`with closing_runs(uri, ids) as outcome:` ends the runs when the block ends: FAILED with the
-    reason if it raised (and re-raises), else FINISHED with `outcome.diverged` marked."""
-
-    def __init__(self, uri: str, run_ids: list[str]):
-        self.uri, self.run_ids = uri, run_ids
-        self.diverged: dict[int, int] = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        end_runs(self.uri, self.run_ids, error=exc, diverged=self.diverged)
-        return False
+def fail_runs(uri: str, run_ids: list[str], error: BaseException) -> None:
+    """FAILED, with the reason as the `distnet.error` tag and an `error.txt` artifact."""
+    client = MlflowClient(uri)
+    reason = f"{type(error).__name__}: {error}"
+    for run_id in run_ids:
+        client.log_text(run_id, reason, "error.txt")
+        tags = [RunTag("distnet.status", "failed"), RunTag("distnet.error", reason[:5000])]
+        retry_locked(client.log_batch, run_id, tags=tags)
+        retry_locked(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
 class MlflowSink:

@@ -1,0 +1,67 @@
+"""The peer distnet is measured against: Ray Train's getting-started loop, written as Ray's docs
+show it (TorchTrainer + a DataLoader + prepare_data_loader + prepare_model), on the same MLP, the
+same MNIST arrays (from the object store) and the same global batch of 128.
+
+It logs nothing per step: it is the plain baseline a Ray user would start from.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from distnet import registry
+
+
+def build_mlp(sizes: list[int], activation: str, init: str, seed: int) -> nn.Sequential:
+    """nn.Sequential of Linear layers initialised with distnet's registry (Linear stores W^T)."""
+    g = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = nn.Linear(n_in, n_out)
+        w, b = registry.init_layer(init, n_in, n_out, g, 1.0, None)
+        with torch.no_grad():
+            lin.weight.copy_(w.T)
+            lin.bias.copy_(b)
+        layers.append(lin)
+        if i < len(sizes) - 2:
+            layers.append(Lambda(registry.ACTIVATIONS[activation].fn))
+    return nn.Sequential(*layers)
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def train_func(config: dict) -> None:
+    """Per-worker loop, as in Ray Train's PyTorch getting-started guide."""
+    model = build_mlp(config["sizes"], config["activation"], config["init"], config["seed"])
+    model = ray.train.torch.prepare_model(model)
+    (arrays,) = ray.get(config["data"])
+    dataset = TensorDataset(torch.tensor(arrays["train_x"], dtype=torch.float32) / 255,
+                            torch.tensor(arrays["train_y"], dtype=torch.int64))
+    batch_size = config["batch_size"] // ray.train.get_context().get_world_size()
+    loader = ray.train.torch.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, shuffle=True))
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
+    for epoch in range(config["epochs"]):
+        if ray.train.get_context().get_world_size() > 1:
+            loader.sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        for x, y in loader:
+            loss = criterion(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        ray.train.report({"epoch": epoch, "loss": loss.item(), "epoch_s": time.perf_counter() - start})
