@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/default.yaml
 
-.PHONY: train test install clean
+.PHONY: train test bench install clean
 
 # The stamp is rebuilt when pyproject.toml changes, so a fresh clone or a new dependency reinstalls.
 $(VENV)/.installed: pyproject.toml
@@ -20,6 +20,10 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Benchmarks print markdown tables; docs/benchmarks.md keeps the results with the machine.
+bench: install
+	PYTHONPATH=benchmarks $(BIN)/python benchmarks/bench_sweep.py --reps 3
 
 clean:
 	rm -rf $(VENV) mlruns mlartifacts mlruns.db distnet_runs

@@ -92,6 +92,8 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = field(default=1.0, metadata=_positive())
     storage_path: str = "distnet_runs"
+    # Worker-group restarts (from the latest checkpoint) before a training is declared failed.
+    max_failures: int = field(default=3, metadata=_at_least(0))
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,17 @@ class FaultConfig:
     """Fault injection, to exercise failure handling (tests, chaos drills). Off by default."""
 
     raise_at_step: Optional[int] = field(default=None, metadata=_at_least(0))
+    # SIGKILL worker `kill_rank` when it reaches `kill_at_step`; with `once_marker`, only while that
+    # file does not exist (it is created just before the kill), so a restarted worker goes on.
+    kill_at_step: Optional[int] = field(default=None, metadata=_at_least(0))
+    kill_rank: int = field(default=0, metadata=_at_least(0))
+    once_marker: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = field(default=1, metadata=_at_least(1))
+    unit: str = field(default="epoch", metadata=_choice(("epoch", "step")))
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     fault: FaultConfig = FaultConfig()
     population: list[MemberSpec] = field(default_factory=list)
 

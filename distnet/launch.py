@@ -26,11 +26,11 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from distnet import data, sweep, tracking, worker
-from distnet.config import Config
+from distnet.config import Config, config_hash
 from distnet.progress import ProgressPrinter
 
 
@@ -83,9 +83,11 @@ class JobQueue:
                 self.in_flight[lane] = (seq, job)
         return self.taken[(lane, seq)]
 
-    def done(self, lane: int, outcome: dict) -> None:
-        _, job = self.in_flight.pop(lane)
-        self.outcomes.append({"cells": len(job.run_ids), **outcome})
+    def done(self, lane: int, seq: int, outcome: dict) -> None:
+        """Idempotent: a restarted lane may report a job it had finished before dying."""
+        if lane in self.in_flight and self.in_flight[lane][0] == seq:
+            _, job = self.in_flight.pop(lane)
+            self.outcomes.append({"cells": len(job.run_ids), **outcome})
 
     def fail_in_flight(self, lane: int, error: str) -> Job | None:
         """The lane's trainer died: its job counts as failed; the lane's next trainer starts afresh
@@ -108,37 +110,62 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=False)
 
 
-def _report_job(rank: int, out: dict) -> None:
-    """Every rank must call report the same number of times; rank 0 alone carries the checkpoint."""
-    if rank != 0:
-        ray.train.report({}, checkpoint=None)
-        return
-    final = {k: np.asarray(v).tolist() for k, v in out["metrics"].items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(out["theta"], Path(tmp) / "theta.pt")
-        (Path(tmp) / "final.json").write_text(
-            json.dumps({"metrics": final, "steps": out["steps"], "diverged": out["diverged"]}))
-        ray.train.report({"steps": out["steps"]}, checkpoint=Checkpoint.from_directory(tmp))
+def _committer(rank: int, seq: int, sink: tracking.MlflowSink | None):
+    """worker.train's commit: report a checkpoint to Ray Train (every rank must call report the
+    same number of times; rank 0 alone writes one). It carries the loop state and rank 0's metrics
+    not yet in MLflow, so a restarted worker loses and repeats nothing."""
+
+    def commit(state: dict, done: bool) -> None:
+        if rank != 0:
+            ray.train.report({}, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({**state, "unflushed": sink.unflushed()}, Path(tmp) / "state.pt")
+            (Path(tmp) / "meta.json").write_text(json.dumps({"seq": seq, "done": done, "step": state["step"]}))
+            ray.train.report({"seq": seq, "step": state["step"], "done": done}, checkpoint=Checkpoint.from_directory(tmp))
+
+    return commit
+
+
+def _load_checkpoint(ckpt: Checkpoint) -> tuple[dict, dict]:
+    with ckpt.as_directory() as d:
+        return json.loads((Path(d) / "meta.json").read_text()), torch.load(Path(d) / "state.pt", weights_only=False)
 
 
 def _train_loop(loop_config: dict) -> None:
-    """Runs in every Ray Train worker of a lane: take jobs until the queue is empty."""
+    """Runs in every Ray Train worker of a lane: take jobs until the queue is empty. After a worker
+    failure Ray Train restarts the group here, and the latest checkpoint says where to go on."""
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     env = worker.WorkerEnv(rank, ctx.get_world_size(), ray.train.torch.get_device())
     queue, lane, uri, board = loop_config["queue"], loop_config["lane"], loop_config["tracking_uri"], loop_config["board"]
-    seq = 0
+    seq, resume, restarted = 0, None, False
+    if (ckpt := ray.train.get_checkpoint()) is not None:
+        meta, resume = _load_checkpoint(ckpt)
+        seq, restarted = meta["seq"], True
+        if meta["done"]:  # the job finished; make sure its runs were closed, then take the next
+            if rank == 0:
+                job = ray.get(queue.take.remote(lane, seq))
+                _close_job(uri, queue, lane, seq, job, resume)
+            seq, resume = seq + 1, None
     while (job := ray.get(queue.take.remote(lane, seq))) is not None:
         (arrays,) = ray.get([job.data])
         sink = None
         if rank == 0:
             sink = tracking.MlflowSink(uri, job.run_ids, on_progress=board and (lambda s: board.update.remote(s)))
-        out = worker.train(job.cfg, arrays, env, sink)
-        _report_job(rank, out)
+            if resume is not None:
+                sink.restore(resume["unflushed"])  # what the dead group had not yet written
+                tracking.count_restart(uri, job.run_ids)
+        out = worker.train(job.cfg, arrays, env, sink, _committer(rank, seq, sink), resume)
         if rank == 0:
-            tracking.end_runs(uri, job.run_ids, diverged=out["diverged"])
-            ray.get(queue.done.remote(lane, {"diverged": len(out["diverged"])}))
-        seq += 1
+            _close_job(uri, queue, lane, seq, job, out)
+        seq, resume = seq + 1, None
+
+
+def _close_job(uri: str, queue, lane: int, seq: int, job: Job, state: dict) -> None:
+    diverged = worker.diverged_members(state["diverged_at"])
+    tracking.end_runs(uri, job.run_ids, diverged=diverged)
+    ray.get(queue.done.remote(lane, seq, {"diverged": len(diverged)}))
 
 
 def _storage_path(path: str) -> str:
@@ -146,7 +173,7 @@ def _storage_path(path: str) -> str:
 
 
 def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri: str,
-             board: ray.actor.ActorHandle | None = None) -> ray.train.Result:
+             board: ray.actor.ActorHandle | None = None, name: str | None = None) -> ray.train.Result:
     """One TorchTrainer that trains the queue's jobs until it is empty. `cfg` sets the scaling (every
     job of a lane shares it); with a progress board the driver shows the progress line."""
     # Ray Train polls its workers every 2 s by default, which adds seconds to every short training.
@@ -156,8 +183,9 @@ def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri:
         train_loop_config={"queue": queue, "lane": lane, "tracking_uri": tracking_uri, "board": board},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-                             storage_path=_storage_path(cfg.ray.storage_path)),
+        run_config=RunConfig(name=name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+                             storage_path=_storage_path(cfg.ray.storage_path),
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
     )
     if board is None:
         return trainer.fit()
@@ -166,23 +194,46 @@ def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri:
         return trainer.fit()
 
 
+def _resume_record(cfg: Config) -> Path | None:
+    """Where `distnet train` notes an unfinished training (Ray run name, MLflow run ids) so that the
+    same command after a dead driver resumes it; local (or NFS-mounted) storage only."""
+    if "://" in cfg.ray.storage_path:
+        return None
+    return Path(cfg.ray.storage_path).resolve() / f"{cfg.name}.resume.json"
+
+
 def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, address: str | None = None,
-                 show_progress: bool = True) -> TrainingResult:
-    """`distnet train`: verify the data, create the runs, train (one lane, one job)."""
+                 show_progress: bool = True, say=print) -> TrainingResult:
+    """`distnet train`: verify the data, create the runs (or find the unfinished ones of the same
+    name and config), train (one lane, one job), forget the resume record once it is done."""
     arrays = data.select(data.load_mnist(data_dir), cfg.data.split, cfg.data.train_limit, cfg.data.eval_limit)
-    run_ids = tracking.create_runs(tracking_uri, cfg)
+    record = _resume_record(cfg)
+    chash = config_hash(cfg.to_dict())
+    previous = json.loads(record.read_text()) if record is not None and record.exists() else None
+    if previous and previous["config_hash"] == chash and previous["tracking_uri"] == tracking_uri:
+        run_ids, ray_name = previous["run_ids"], previous["ray_name"]
+        tracking.reopen_runs(tracking_uri, run_ids)
+        say(f"resuming the unfinished training {ray_name} into MLflow run(s) {', '.join(run_ids)}")
+    else:
+        run_ids = tracking.create_runs(tracking_uri, cfg)
+        ray_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        if record is not None:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"config_hash": chash, "tracking_uri": tracking_uri,
+                                          "run_ids": run_ids, "ray_name": ray_name}))
     try:
         ensure_ray(address)
         queue = JobQueue.remote([Job(cfg, run_ids, ray.put(arrays))])
-        result = fit_lane(cfg, queue, 0, tracking_uri, ProgressBoard.remote() if show_progress else None)
-        with result.checkpoint.as_directory() as d:
-            theta = torch.load(Path(d) / "theta.pt")
-            final = json.loads((Path(d) / "final.json").read_text())
-    except BaseException as e:
+        board = ProgressBoard.remote() if show_progress else None
+        result = fit_lane(cfg, queue, 0, tracking_uri, board, name=ray_name)
+        _, state = _load_checkpoint(result.checkpoint)
+    except Exception as e:
         tracking.fail_runs(tracking_uri, run_ids, e)
         raise
-    return TrainingResult(run_ids, theta, final["metrics"], final["steps"],
-                          {int(k): v for k, v in final["diverged"].items()})
+    if record is not None:
+        record.unlink(missing_ok=True)
+    return TrainingResult(run_ids, state["theta"], {k: np.asarray(v).tolist() for k, v in state["final"].items()},
+                          state["step"], worker.diverged_members(state["diverged_at"]))
 
 
 # ---------------------------------------------------------------- sweeps

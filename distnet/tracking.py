@@ -117,6 +117,21 @@ def end_runs(uri: str, run_ids: list[str], diverged: dict[int, int] | None = Non
         retry_locked(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
+def reopen_runs(uri: str, run_ids: list[str]) -> None:
+    """RUNNING again: a resumed training continues the same runs."""
+    client = MlflowClient(uri)
+    for run_id in run_ids:
+        retry_locked(client.update_run, run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+
+
+def count_restart(uri: str, run_ids: list[str]) -> None:
+    """`distnet.restarts` += 1 on each run: how often its training resumed from a checkpoint."""
+    client = MlflowClient(uri)
+    for run_id in run_ids:
+        n = int(client.get_run(run_id).data.tags.get("distnet.restarts", "0")) + 1
+        retry_locked(client.set_tag, run_id, "distnet.restarts", str(n))
+
+
 def fail_runs(uri: str, run_ids: list[str], error: BaseException) -> None:
     """FAILED, with the reason as the `distnet.error` tag and an `error.txt` artifact."""
     client = MlflowClient(uri)
@@ -136,6 +151,7 @@ class MlflowSink:
         self.client = MlflowClient(uri)
         self.run_ids = run_ids
         self.buffers: list[list[Metric]] = [[] for _ in run_ids]
+        self.written_upto: list[dict[str, int]] = [{} for _ in run_ids]  # filled by restore()
         self.on_progress = on_progress
 
     def log(self, step: int, values: dict[str, np.ndarray], active: np.ndarray) -> None:
@@ -144,11 +160,35 @@ class MlflowSink:
         for name, per_member in values.items():
             v = np.asarray(per_member, dtype=np.float64)
             for k in members:
-                self.buffers[k].append(Metric(name, float(v[k]), ts, step))
+                self._append(k, Metric(name, float(v[k]), ts, step))
 
     def progress(self, state: dict) -> None:
         if self.on_progress is not None:
             self.on_progress(state)
+
+    def unflushed(self) -> list[list[tuple]]:
+        """What log() holds that flush() has not written: goes into the checkpoint."""
+        return [[(m.key, m.value, m.timestamp, m.step) for m in buf] for buf in self.buffers]
+
+    def restore(self, unflushed: list[list[tuple]]) -> None:
+        """After a restart, from a checkpoint: write its unflushed metrics, and from now on skip
+        every (key, step) MLflow already holds. Each key's steps are written in order, one atomic
+        log_batch at a time, so what MLflow holds of a key is all steps up to its last one. The
+        dead group may have got past the checkpoint we resume from (Ray registers a reported
+        checkpoint asynchronously) or died inside a flush; the replayed steps are the same
+        numbers, computed again, and are not written twice."""
+        for k, run_id in enumerate(self.run_ids):
+            keys = self.client.get_run(run_id).data.metrics.keys()
+            self.written_upto[k] = {key: max(m.step for m in self.client.get_metric_history(run_id, key))
+                                    for key in keys}
+            self.buffers[k] = []
+            for key, value, ts, step in unflushed[k]:
+                self._append(k, Metric(key, value, ts, step))
+        self.flush()
+
+    def _append(self, k: int, metric: Metric) -> None:
+        if metric.step > self.written_upto[k].get(metric.key, -1):
+            self.buffers[k].append(metric)
 
     def flush(self) -> None:
         for run_id, buf in zip(self.run_ids, self.buffers):

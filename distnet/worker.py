@@ -9,8 +9,11 @@ Ray never appears here: launch.py calls `train` inside a Ray Train worker.
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -58,10 +61,37 @@ def to_device(arrays: dict[str, np.ndarray], scale: float, device: torch.device)
     }
 
 
-def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink | None) -> dict:
-    """Train cfg's population; returns the final parameters (on the CPU) and, on rank 0, the
-    final evaluation. `sink` is rank 0's; the other ranks pass None."""
-    tc = cfg.train
+def _maybe_kill(cfg: Config, step: int, rank: int) -> None:
+    """fault.kill_at_step: SIGKILL this worker (rank fault.kill_rank) once per marker file."""
+    f = cfg.fault
+    if f.kill_at_step != step or f.kill_rank != rank:
+        return
+    if f.once_marker:
+        if os.path.exists(f.once_marker):
+            return
+        Path(f.once_marker).touch()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def diverged_members(diverged_at: torch.Tensor) -> dict[int, int]:
+    """member -> step of its first non-finite gradient, for the members that diverged."""
+    return {k: int(s) for k, s in enumerate(diverged_at.tolist()) if s >= 0}
+
+
+def no_commit(state: dict, done: bool) -> None:
+    """Training outside Ray: checkpoints go nowhere (metrics are still flushed at each one)."""
+
+
+def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink | None,
+          commit: Callable[[dict, bool], None] = no_commit, resume: dict | None = None) -> dict:
+    """Train cfg's population and return its final state (parameters on the CPU and, on rank 0,
+    the final evaluation). `sink` is rank 0's; the other ranks pass None.
+
+    Every checkpoint interval (and at the end, done=True) every rank calls commit(state, done);
+    rank 0's sink is flushed only after commit returns, so what MLflow holds is always covered by a
+    committed checkpoint. `resume` is such a state: training continues from its exact step.
+    """
+    tc, ck = cfg.train, cfg.checkpoint
     d = to_device(arrays, cfg.data.pixel_scale, env.device)
     x, y = d["train_x"], d["train_y"]
     n_train = len(x)
@@ -84,37 +114,56 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     # on every rank); it is frozen there and the others go on.
     alive = torch.ones(P, dtype=torch.bool, device=env.device)
     diverged_at = torch.full((P,), -1, dtype=torch.long, device=env.device)
+    loss_sum = torch.zeros(P, device=env.device)
+    step, epoch, final = 0, 1, {}
 
     def flush_steps():
         if sink is not None and pending:
             rows, div = buf[: len(pending)].cpu().numpy(), diverged_at.cpu().numpy()
-            for step, row in zip(pending, rows):
-                active = (div < 0) | (step <= div)  # a diverged member's series ends at its divergence
-                sink.log(step, {name: row[:, j] for j, name in enumerate(names)}, active)
+            for s, row in zip(pending, rows):
+                active = (div < 0) | (s <= div)  # a diverged member's series ends at its divergence
+                sink.log(s, {name: row[:, j] for j, name in enumerate(names)}, active)
             sink.progress({"step": pending[-1] + 1, "total_steps": total_steps, "loss": float(np.nanmean(rows[-1, :, S]))})
         pending.clear()
 
-    def epoch_metrics(epoch: int, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def epoch_metrics(e: int, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = {**extra, **metrics.probe(model, probe_x, probe_y),
                   **metrics.evaluate(model, d["eval_x"], d["eval_y"], eval_prefix)}
         active = (diverged_at < 0).cpu().numpy()
-        sink.log(epoch, values, active)
+        sink.log(e, values, active)
         if active.any():
-            sink.progress({"epoch": epoch, "acc": float(values[f"{eval_prefix}/acc"][active].mean())})
-        sink.flush()
+            sink.progress({"epoch": e, "acc": float(values[f"{eval_prefix}/acc"][active].mean())})
         return values
 
-    final = epoch_metrics(0, {}) if sink is not None else {}  # epoch 0: the network at init
-    step = 0
-    for epoch in range(1, tc.epochs + 1):
+    def checkpoint(done: bool = False) -> None:
+        flush_steps()
+        commit({"theta": model.theta.detach().cpu(), "velocity": opt.velocity, "alive": alive.cpu(),
+                "diverged_at": diverged_at.cpu(), "loss_sum": loss_sum.cpu(), "step": step, "epoch": epoch,
+                "final": final, "rng": torch.get_rng_state()}, done)
+        if sink is not None:
+            sink.flush()
+
+    if resume is None:
+        final = epoch_metrics(0, {}) if sink is not None else {}  # epoch 0: the network at init
+    else:
+        with torch.no_grad():
+            model.theta.copy_(resume["theta"])
+        if opt.velocity is not None:
+            opt.velocity.copy_(resume["velocity"])
+        alive, diverged_at = resume["alive"].to(env.device), resume["diverged_at"].to(env.device)
+        loss_sum = resume["loss_sum"].to(env.device)
+        step, epoch, final = resume["step"], resume["epoch"], resume["final"]
+        torch.set_rng_state(resume["rng"])
+
+    while epoch <= tc.epochs and step < total_steps and alive.any():  # one host sync per epoch
         batches = data.epoch_batches(n_train, tc.batch_size, epoch, cfg.data.shuffle_seed, env.rank, env.world_size)
         batches = batches.to(env.device)
-        loss_sum = torch.zeros(P, device=env.device)
-        epoch_steps = min(steps_per_epoch, total_steps - step)
-        for i in range(epoch_steps):
+        epoch_end = min(epoch * steps_per_epoch, total_steps)
+        while step < epoch_end:
+            _maybe_kill(cfg, step, env.rank)
             if step == cfg.fault.raise_at_step:
                 raise RuntimeError(f"fault injection: fault.raise_at_step={step}")
-            idx = batches[i]
+            idx = batches[step - (epoch - 1) * steps_per_epoch]
             model.theta.grad = None
             loss = model.loss(x[idx], y[idx])
             loss.sum().backward()  # members are independent: d(sum)/d(theta_k) = d(loss_k)/d(theta_k)
@@ -132,13 +181,18 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
             step += 1
             if len(pending) == tc.log_every:
                 flush_steps()
+            if ck.unit == "step" and step % ck.every == 0 and step < epoch_end:
+                checkpoint()
         flush_steps()
-        train_loss = all_reduce_mean(loss_sum) / max(epoch_steps, 1)
+        epoch_steps = epoch_end - (epoch - 1) * steps_per_epoch
+        train_loss = all_reduce_mean(loss_sum) / epoch_steps
         diverged_at = torch.where(alive & ~torch.isfinite(train_loss), step - 1, diverged_at)
         alive &= torch.isfinite(train_loss)
         if sink is not None:
             final = epoch_metrics(epoch, {"train/loss": train_loss.cpu().numpy()})
-        if step >= total_steps or not alive.any():  # one host sync per epoch, on every rank alike
-            break
-    diverged = {k: int(s) for k, s in enumerate(diverged_at.tolist()) if s >= 0}
-    return {"theta": model.theta.detach().cpu(), "metrics": final, "steps": step, "diverged": diverged}
+        loss_sum = torch.zeros(P, device=env.device)
+        epoch += 1
+        if ck.unit == "step" or (epoch - 1) % ck.every == 0:
+            checkpoint()
+    checkpoint(done=True)
+    return {"theta": model.theta.detach().cpu(), "metrics": final, "steps": step, "diverged_at": diverged_at.cpu()}
