@@ -39,6 +39,7 @@ class Job:
     cfg: Config
     run_ids: list[str]
     data: ray.ObjectRef
+    resumed: bool = False  # its runs already hold metrics from an earlier (dead) driver
 
 
 @dataclass
@@ -153,9 +154,14 @@ def _train_loop(loop_config: dict) -> None:
         sink = None
         if rank == 0:
             sink = tracking.MlflowSink(uri, job.run_ids, on_progress=board and (lambda s: board.update.remote(s)))
-            if resume is not None:
-                sink.restore(resume["unflushed"])  # what the dead group had not yet written
+            tracking.tag_runs(uri, job.run_ids, {"distnet.ray_node": ray.get_runtime_context().get_node_id()})
+            if resume is not None or job.resumed:
+                # What the dead group had not yet written; and nothing MLflow holds is written again,
+                # even where Ray had not registered the dead group's last checkpoint.
+                sink.restore(resume["unflushed"] if resume is not None else [[] for _ in job.run_ids])
                 tracking.count_restart(uri, job.run_ids)
+                step = resume["step"] if resume is not None else 0
+                tracking.tag_runs(uri, job.run_ids, {"distnet.resumed_from_step": str(step)})
         out = worker.train(job.cfg, arrays, env, sink, _committer(rank, seq, sink), resume)
         if rank == 0:
             _close_job(uri, queue, lane, seq, job, out)
@@ -206,11 +212,12 @@ def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, ad
                  show_progress: bool = True, say=print) -> TrainingResult:
     """`distnet train`: verify the data, create the runs (or find the unfinished ones of the same
     name and config), train (one lane, one job), forget the resume record once it is done."""
-    arrays = data.select(data.load_mnist(data_dir), cfg.data.split, cfg.data.train_limit, cfg.data.eval_limit)
+    arrays = data.select(data.load_mnist(data_dir or cfg.data.dir), cfg.data.split, cfg.data.train_limit, cfg.data.eval_limit)
     record = _resume_record(cfg)
     chash = config_hash(cfg.to_dict())
     previous = json.loads(record.read_text()) if record is not None and record.exists() else None
-    if previous and previous["config_hash"] == chash and previous["tracking_uri"] == tracking_uri:
+    resumed = bool(previous and previous["config_hash"] == chash and previous["tracking_uri"] == tracking_uri)
+    if resumed:
         run_ids, ray_name = previous["run_ids"], previous["ray_name"]
         tracking.reopen_runs(tracking_uri, run_ids)
         say(f"resuming the unfinished training {ray_name} into MLflow run(s) {', '.join(run_ids)}")
@@ -223,7 +230,7 @@ def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, ad
                                           "run_ids": run_ids, "ray_name": ray_name}))
     try:
         ensure_ray(address)
-        queue = JobQueue.remote([Job(cfg, run_ids, ray.put(arrays))])
+        queue = JobQueue.remote([Job(cfg, run_ids, ray.put(arrays), resumed)])
         board = ProgressBoard.remote() if show_progress else None
         result = fit_lane(cfg, queue, 0, tracking_uri, board, name=ray_name)
         _, state = _load_checkpoint(result.checkpoint)
@@ -282,7 +289,7 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
     """`distnet sweep`: skip finished cells, pack the rest into populations (jobs), run them on
     concurrent lanes, then summarise every cell from the MLflow store."""
     first = sw.cells[0].config
-    mnist = data.load_mnist(data_dir)
+    mnist = data.load_mnist(data_dir or first.data.dir)
     grid_params = {f"grid.{k}": v for k, v in sw.grid.items()} | {f"sweep.{k}": v for k, v in vars(sw.settings).items()}
     parent = tracking.sweep_parent(tracking_uri, first.mlflow.experiment, sw.name, sw.id, grid_params)
     by_cell: dict[str, list] = {}

@@ -37,6 +37,10 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
 
 
+# MLflow 3's UI opens an experiment in its GenAI (traces) view unless told it holds model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -44,7 +48,7 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     location = None
     if uri.startswith(SQLITE):  # keep artifacts beside the database, wherever the UI is started
         location = (Path(uri[len(SQLITE):]).parent / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 def member_tags(cfg: Config, k: int) -> dict[str, str]:
@@ -115,6 +119,12 @@ def end_runs(uri: str, run_ids: list[str], diverged: dict[int, int] | None = Non
             tags = [RunTag("distnet.status", "finished")]
         retry_locked(client.log_batch, run_id, tags=tags)
         retry_locked(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def tag_runs(uri: str, run_ids: list[str], tags: dict[str, str]) -> None:
+    client = MlflowClient(uri)
+    for run_id in run_ids:
+        retry_locked(client.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def reopen_runs(uri: str, run_ids: list[str]) -> None:

@@ -45,6 +45,7 @@ def test_sigkilled_worker_resumes_exactly(ray_cluster, tracking_uri, tmp_path, m
     torch.testing.assert_close(crashed.theta, clean.theta, atol=1e-6, rtol=0)
     run = MlflowClient(tracking_uri).get_run(crashed.run_ids[0])
     assert run.info.status == "FINISHED" and run.data.tags["distnet.restarts"] == "1"
+    assert int(run.data.tags["distnet.resumed_from_step"]) in (5, 10)  # a checkpoint before the kill at 13
     assert_each_step_once(tracking_uri, crashed.run_ids[0], 40, 2)
 
 
@@ -73,7 +74,8 @@ ray: {{num_workers: 1, storage_path: {tmp_path / 'runs'}}}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     ckpts = tmp_path / "runs"
-    assert wait_for(lambda: any(ckpts.glob("ftdriver-*/checkpoint_*")), 120), "no checkpoint was written"
+    # Killed once Ray Train has registered a checkpoint (its manager snapshot is in storage).
+    assert wait_for(lambda: any(ckpts.glob("ftdriver-*/checkpoint_manager_snapshot.json")), 120), "no checkpoint"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     record = tmp_path / "runs" / "ftdriver.resume.json"
@@ -85,6 +87,7 @@ ray: {{num_workers: 1, storage_path: {tmp_path / 'runs'}}}
     runs = client.search_runs([client.get_experiment_by_name("distnet").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert int(runs[0].data.tags["distnet.restarts"]) >= 1
+    assert int(runs[0].data.tags["distnet.resumed_from_step"]) >= 20  # from a checkpoint, not from scratch
     assert_each_step_once(uri, runs[0].info.run_id, 60, 3)
     assert not record.exists()
 
