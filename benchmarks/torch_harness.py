@@ -31,7 +31,7 @@ class EpochClock:
         self.marks: list[float] = []
         self.last: dict = {}
 
-    def log(self, step, values):
+    def log(self, step, values, active):
         if any(k.endswith("/acc") for k in values):
             self.marks.append(time.perf_counter())
             self.last = values

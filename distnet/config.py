@@ -365,7 +365,8 @@ def build_config(raw: dict) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """A YAML file (a mapping) merged with `key=value` overrides: the raw input of a run or sweep."""
     raw: dict = {}
     if path is not None:
         try:
@@ -374,7 +375,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError("<config file>", str(path), f"cannot be read: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ConfigError("<config file>", str(path), f"is not valid YAML: {e}") from None
-    return build_config(merge(raw, parse_overrides(list(overrides))))
+        if not isinstance(raw, dict):
+            raise ConfigError("<config file>", str(path), "must be a YAML mapping")
+    return merge(raw, parse_overrides(list(overrides)))
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    return build_config(read_raw(path, overrides))
 
 
 def dump_yaml(d: dict) -> str:

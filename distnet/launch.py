@@ -140,10 +140,10 @@ def _train_loop(loop_config: dict) -> None:
     rank = ctx.get_world_rank()
     env = worker.WorkerEnv(rank, ctx.get_world_size(), ray.train.torch.get_device())
     queue, lane, uri, board = loop_config["queue"], loop_config["lane"], loop_config["tracking_uri"], loop_config["board"]
-    seq, resume, restarted = 0, None, False
+    seq, resume = 0, None
     if (ckpt := ray.train.get_checkpoint()) is not None:
         meta, resume = _load_checkpoint(ckpt)
-        seq, restarted = meta["seq"], True
+        seq = meta["seq"]
         if meta["done"]:  # the job finished; make sure its runs were closed, then take the next
             if rank == 0:
                 job = ray.get(queue.take.remote(lane, seq))

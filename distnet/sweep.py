@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from distnet import config as C
 from distnet.config import Config, ConfigError, MemberSpec
 
@@ -94,15 +92,7 @@ def build_sweep(raw: dict) -> Sweep:
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise ConfigError("<sweep file>", str(path), f"cannot be read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError("<sweep file>", str(path), f"is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError("<sweep file>", str(path), "must be a YAML mapping")
-    return build_sweep(C.merge(raw, C.parse_overrides(list(overrides))))
+    return build_sweep(C.read_raw(path, overrides))
 
 
 def _training_key(cell: Cell) -> str:
