@@ -178,6 +178,13 @@ def _storage_path(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def scaling_config(cfg: Config) -> ScalingConfig:
+    """Ray Train's scaling: `num_workers` workers of `cpus_per_worker` CPUs, and with `use_gpu` one
+    GPU each (Ray adds GPU: 1 per worker, sets CUDA_VISIBLE_DEVICES, and Ray Train picks NCCL)."""
+    return ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker})
+
+
 def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri: str,
              board: ray.actor.ActorHandle | None = None, name: str | None = None) -> ray.train.Result:
     """One TorchTrainer that trains the queue's jobs until it is empty. `cfg` sets the scaling (every
@@ -187,8 +194,7 @@ def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri:
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"queue": queue, "lane": lane, "tracking_uri": tracking_uri, "board": board},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
                              storage_path=_storage_path(cfg.ray.storage_path),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),

@@ -112,3 +112,41 @@ grid: {model.depth: [1, 2], seed: [0, 1, 2]}
         assert "config.yaml" in {a.path for a in client.list_artifacts(r.info.run_id)}
     parent = client.search_runs([exp.experiment_id], "tags.`distnet.kind` = 'sweep'")[0]
     assert "summary.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+GPU_PLACEMENT = """
+import json, os
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from distnet import launch
+from distnet.config import build_config
+
+ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False)  # 4 declared GPUs
+cfg = build_config({"model": {"sizes": [784, 30, 10]}, "ray": {"use_gpu": True, "num_workers": 2}})
+bundles = launch.scaling_config(cfg).as_placement_group_factory().bundles
+pg = ray.util.placement_group(bundles)
+ray.get(pg.ready(), timeout=60)
+
+@ray.remote
+def visible():
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+workers = [i for i, b in enumerate(bundles) if b.get("GPU")]
+seen = ray.get([visible.options(num_cpus=bundles[i]["CPU"], num_gpus=1,
+                                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote() for i in workers])
+print(json.dumps({"bundles": bundles, "visible": seen, "concurrency": launch.default_concurrency(cfg)}))
+"""
+
+
+def test_gpu_config_reserves_one_gpu_per_worker_on_cpu_only_machine(tmp_path):
+    """The use_gpu placement path without a GPU: a Ray node with 4 declared GPUs, the scaling distnet
+    builds for ray.use_gpu=true, ray.num_workers=2, reserved as Ray Train would reserve it."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", GPU_PLACEMENT], env=env, capture_output=True, text=True,
+                          timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    workers = [b for b in out["bundles"] if b.get("GPU")]
+    assert len(workers) == 2 and all(b["GPU"] == 1 and b["CPU"] == 1 for b in workers)
+    assert sorted(out["visible"]) == sorted(set(out["visible"])) and len(out["visible"]) == 2  # one GPU each
+    assert out["concurrency"] == 2  # a sweep runs 4 GPUs / 2 workers = 2 trainings at once
