@@ -4,6 +4,7 @@ cluster on loopback with a real MLflow server, driven by `ray job submit` from t
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -47,7 +48,10 @@ def run(cmd, env, timeout=120, check=True):
 @pytest.fixture
 def two_node_cluster(tmp_path):
     """A Ray head and a second Ray node (1 CPU each) and an MLflow server, all on 127.0.0.1."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    # Ray 2.60 heads use token auth; a fresh machine has no ~/.ray/auth_token, so the cluster gets
+    # its own token, shared by both nodes and every CLI call through the environment.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash, mlflow_port = free_port(), free_port(), free_port()
     temp = Path(tempfile.mkdtemp(prefix="dnray", dir="/tmp"))  # Ray's socket paths must stay short
