@@ -31,7 +31,7 @@ test: install browser
 
 # Benchmarks print markdown tables; docs/benchmarks.md keeps the results with the machine.
 bench: install
-	PYTHONPATH=benchmarks $(BIN)/python benchmarks/bench_sweep.py --reps 3
+	PYTHONPATH=benchmarks $(BIN)/python benchmarks/bench.py --reps 3
 
 clean:
 	rm -rf $(VENV) mlruns mlartifacts mlruns.db distnet_runs

@@ -1,14 +1,10 @@
-"""Cells per hour for a 24-cell grid of small nets: `distnet sweep` vs one Ray Tune trial per cell,
-each trial driving a TorchTrainer running Ray's getting-started loop (the Train V2 + Tune pattern
-from Ray's docs). Same machine, same Ray instance, same invocation; medians of --reps runs.
-
-    .venv/bin/python benchmarks/bench_sweep.py --reps 3
+"""The sweep row of `make bench` (benchmarks/bench.py): a 24-cell grid of small nets, `distnet sweep`
+vs one Ray Tune trial per cell, each trial driving a TorchTrainer running Ray's getting-started loop
+(the Train V2 + Tune pattern from Ray's docs), on the caller's Ray (4 logical CPUs).
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -64,31 +60,3 @@ def run_tune(workdir: Path, data_ref) -> float:
     elapsed = time.perf_counter() - start
     assert len(results) == 24 and not results.errors, results.errors
     return elapsed
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=3)
-    args = ap.parse_args()
-    # 4 logical CPUs on the 2 cores: each Tune trial holds 1 CPU (its default) while its trainer's
-    # worker holds another, so 2 concurrent trials need 4. Both sides are capped at 2 trainings.
-    ray.init(num_cpus=4, log_to_driver=False)
-    arrays = data.select(data.load_mnist(), "test", None, None)
-    data_ref = ray.put(arrays)
-    ours, theirs = [], []
-    for rep in range(args.reps):
-        with tempfile.TemporaryDirectory() as tmp:
-            ours.append(run_distnet(Path(tmp)))
-            print(f"rep {rep + 1}: distnet sweep {ours[-1]:.1f} s", flush=True)
-            theirs.append(run_tune(Path(tmp), data_ref))
-            print(f"rep {rep + 1}: Tune trial per cell {theirs[-1]:.1f} s", flush=True)
-    a, b = statistics.median(ours), statistics.median(theirs)
-    print("\n| 24-cell sweep, 1 epoch of 60k each | wall s (median) | cells/hour |")
-    print("| --- | --- | --- |")
-    print(f"| distnet sweep (pack 16, 2 concurrent, full MLflow logging) | {a:.1f} | {24 * 3600 / a:.0f} |")
-    print(f"| Ray Tune, one trial per cell, TorchTrainer + DataLoader (2 concurrent, no logging) | {b:.1f} | {24 * 3600 / b:.0f} |")
-    print(f"| ratio (cells/hour, distnet / Tune) | | {b / a:.1f}x |")
-
-
-if __name__ == "__main__":
-    main()

@@ -2,21 +2,30 @@
 show it (TorchTrainer + a DataLoader + prepare_data_loader + prepare_model), on the same MLP, the
 same MNIST arrays (from the object store) and the same global batch of 128.
 
-It logs nothing per step: it is the plain baseline a Ray user would start from.
+It logs nothing per step: it is the plain baseline a Ray user would start from. Each epoch's report
+carries what the benchmark compares: the epoch times so far, the wall-clock time of the first step
+and the worker's peak resident memory. As a script it is the peer's whole command (for start-up):
+
+    python benchmarks/ray_peer.py --epochs 1
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import resource
 import time
 
 import ray
 import ray.train
 import ray.train.torch
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from distnet import registry
+from distnet import data, registry
 
 
 def build_mlp(sizes: list[int], activation: str, init: str, seed: int) -> nn.Sequential:
@@ -55,6 +64,7 @@ def train_func(config: dict) -> None:
     loader = ray.train.torch.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, shuffle=True))
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
+    epoch_s, first_step = [], None
     for epoch in range(config["epochs"]):
         if ray.train.get_context().get_world_size() > 1:
             loader.sampler.set_epoch(epoch)
@@ -64,4 +74,25 @@ def train_func(config: dict) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        ray.train.report({"epoch": epoch, "loss": loss.item(), "epoch_s": time.perf_counter() - start})
+            first_step = first_step or time.time()
+        epoch_s.append(time.perf_counter() - start)
+        ray.train.report({"epoch": epoch, "loss": loss.item(), "epoch_s": list(epoch_s), "first_step_unix": first_step,
+                          "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args()
+    ray.init(log_to_driver=False)
+    config = {"sizes": [784, 30, 10], "activation": "sigmoid", "init": "xavier_normal", "seed": 0, "lr": 0.5,
+              "epochs": args.epochs, "batch_size": 128,
+              "data": [ray.put(data.select(data.load_mnist(), "test", None, None))]}
+    result = TorchTrainer(train_func, train_loop_config=config,
+                          scaling_config=ScalingConfig(num_workers=args.workers)).fit()
+    print(json.dumps(result.metrics))
+
+
+if __name__ == "__main__":
+    main()

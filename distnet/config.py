@@ -84,6 +84,8 @@ class TrainConfig:
     max_steps: Optional[int] = field(default=None, metadata=_at_least(1))
     log_every: int = field(default=10, metadata=_at_least(1))
     probe_size: int = field(default=1000, metadata=_at_least(1))
+    # Per-layer gradient norms every step (the project's point); off only to measure what they cost.
+    step_norms: bool = True
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,9 @@ class RayConfig:
     storage_path: str = "distnet_runs"
     # Worker-group restarts (from the latest checkpoint) before a training is declared failed.
     max_failures: int = field(default=3, metadata=_at_least(0))
+    # The per-step gradient all-reduce: "auto" uses shared memory between CPU workers on one x86
+    # node (distnet/collective.py) and torch.distributed otherwise; "torch" always torch.distributed.
+    all_reduce: str = field(default="auto", metadata=_choice(("auto", "torch")))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ def grad_norm_names(n_layers: int) -> list[str]:
     return [f"grad_norm/{kind}/layer_{l}" for l in range(1, n_layers + 1) for kind in ("w", "b")]
 
 
-@torch.no_grad()
 def evaluate(model: PopulationMLP, x: torch.Tensor, y: torch.Tensor, prefix: str) -> dict[str, np.ndarray]:
     """Accuracy and mean loss of every member on (x, y)."""
     correct = torch.zeros(model.population, device=x.device)
@@ -35,15 +34,14 @@ def probe(model: PopulationMLP, x: torch.Tensor, y: torch.Tensor) -> dict[str, n
     """Nielsen's speed of learning (generate_gradient.py): the norm of each hidden layer's bias
     gradient averaged over a fixed probe set, plus each hidden layer's activation mean, std and
     fraction saturated on the same images."""
-    z_out, hidden = model.forward(x, keep_hidden=True)
-    (grad,) = torch.autograd.grad(model.loss_fn(z_out, y).sum(), model.theta)
+    model.loss_and_grad(x, y)  # overwrites model.grad: the probe runs between steps
+    norms = model.segment_norms(model.grad)  # [P, 2L]; hidden layer l's bias is column 2(l-1)+1
+    _, hidden = model.forward(x, keep_hidden=True)
     out = {}
-    with torch.no_grad():
-        norms = model.segment_norms(grad)  # [P, 2L]; hidden layer l's bias is column 2(l-1)+1
-        for l, (z, a) in enumerate(hidden, start=1):
-            flat_a = a.reshape(a.shape[0], -1)
-            out[f"speed/layer_{l}"] = norms[:, 2 * (l - 1) + 1]
-            out[f"act/mean/layer_{l}"] = flat_a.mean(1)
-            out[f"act/std/layer_{l}"] = flat_a.std(1)
-            out[f"act/saturated/layer_{l}"] = model.act.saturated(z, a).reshape(a.shape[0], -1).float().mean(1)
+    for l, (z, a) in enumerate(hidden, start=1):
+        flat_a = a.reshape(a.shape[0], -1)
+        out[f"speed/layer_{l}"] = norms[:, 2 * (l - 1) + 1]
+        out[f"act/mean/layer_{l}"] = flat_a.mean(1)
+        out[f"act/std/layer_{l}"] = flat_a.std(1)
+        out[f"act/saturated/layer_{l}"] = model.act.saturated(z, a).reshape(a.shape[0], -1).float().mean(1)
     return {k: v.cpu().numpy() for k, v in out.items()}

@@ -76,7 +76,9 @@ def init_layer(name: str, n_in: int, n_out: int, g: torch.Generator, sigma_w: fl
 @dataclass(frozen=True)
 class Activation:
     fn: Callable[[Tensor], Tensor]
-    # Which units count as saturated, given pre-activation z and activation a (same shape).
+    # da/dz, given pre-activation z and activation a = fn(z): what backprop multiplies by.
+    grad: Callable[[Tensor, Tensor], Tensor]
+    # Which units count as saturated, given z and a (same shape).
     saturated: Callable[[Tensor, Tensor], Tensor]
     doc: str
 
@@ -89,31 +91,49 @@ def _negative(z, a):
     return z <= 0
 
 
+def _step(slope_neg):
+    return lambda z, a: torch.where(z > 0, 1.0, slope_neg).to(z.dtype)
+
+
+_SELU_SCALE, _SELU_ALPHA = 1.0507009873554804934193349852946, 1.6732632423543772848170429916717
+
 ACTIVATIONS: dict[str, Activation] = {
-    "sigmoid": Activation(torch.sigmoid, lambda z, a: (a < 0.01) | (a > 0.99), "saturated: a outside (0.01, 0.99)"),
-    "tanh": Activation(torch.tanh, lambda z, a: a.abs() > 0.99, "saturated: |a| > 0.99"),
-    "softsign": Activation(F.softsign, lambda z, a: a.abs() > 0.99, "saturated: |a| > 0.99"),
-    "relu": Activation(F.relu, lambda z, a: a == 0, "saturated: a == 0"),
+    "sigmoid": Activation(torch.sigmoid, lambda z, a: a * (1 - a), lambda z, a: (a < 0.01) | (a > 0.99),
+                          "saturated: a outside (0.01, 0.99)"),
+    "tanh": Activation(torch.tanh, lambda z, a: 1 - a * a, lambda z, a: a.abs() > 0.99, "saturated: |a| > 0.99"),
+    "softsign": Activation(F.softsign, lambda z, a: (1 + z.abs()).reciprocal().square(), lambda z, a: a.abs() > 0.99,
+                           "saturated: |a| > 0.99"),
+    "relu": Activation(F.relu, _step(0.0), lambda z, a: a == 0, "saturated: a == 0"),
     # The rest of the relu family: 'saturated' is the negative branch, where relu would be 0.
-    "leaky_relu": Activation(F.leaky_relu, _negative, "saturated: z <= 0"),
-    "elu": Activation(F.elu, _negative, "saturated: z <= 0"),
-    "selu": Activation(F.selu, _negative, "saturated: z <= 0"),
+    "leaky_relu": Activation(F.leaky_relu, _step(0.01), _negative, "saturated: z <= 0"),  # torch's slope 0.01
+    "elu": Activation(F.elu, lambda z, a: torch.where(z > 0, 1.0, a + 1), _negative, "saturated: z <= 0"),
+    "selu": Activation(F.selu, lambda z, a: torch.where(z > 0, _SELU_SCALE, a + _SELU_SCALE * _SELU_ALPHA),
+                       _negative, "saturated: z <= 0"),
     # softplus' slope is sigmoid(z): saturated where it is below 0.01, as for sigmoid units.
-    "softplus": Activation(F.softplus, lambda z, a: torch.sigmoid(z) < 0.01, "saturated: slope sigmoid(z) < 0.01"),
-    "identity": Activation(lambda z: z, _never, "never saturated"),
+    "softplus": Activation(F.softplus, lambda z, a: torch.sigmoid(z), lambda z, a: torch.sigmoid(z) < 0.01,
+                           "saturated: slope sigmoid(z) < 0.01"),
+    "identity": Activation(lambda z: z, lambda z, a: torch.ones_like(z), _never, "never saturated"),
 }
 
 
 # ---------------------------------------------------------------- losses
-# Each takes the output layer's pre-activations z [P, B, C] and integer labels y [B] and returns the
-# per-member loss [P], summed over output units and averaged over the batch (Nielsen's convention).
+# Each takes the output layer's pre-activations z [P, B, C] and integer labels y [B]. `fn` is the
+# per-member loss [P], summed over output units and averaged over the batch (Nielsen's convention);
+# `value_and_grad` returns it with d fn / d z [P, B, C], where backprop starts (Nielsen's output
+# delta, / B), sharing the work between the two.
+def _one_hot(z: Tensor, y: Tensor) -> Tensor:
+    # scatter, not F.one_hot: that one checks y's range with a host sync, every step.
+    return torch.zeros_like(z).scatter_(-1, y.view(1, -1, 1).expand(z.shape[0], -1, 1), 1.0)
+
+
 def _softmax_ce(z: Tensor, y: Tensor) -> Tensor:
     logp = torch.log_softmax(z, dim=-1)
-    return -logp.gather(-1, y.expand(z.shape[0], -1).unsqueeze(-1)).squeeze(-1).mean(-1)
+    return -logp.gather(-1, y.view(1, -1, 1).expand(z.shape[0], -1, 1)).squeeze(-1).mean(-1)
 
 
-def _one_hot(z: Tensor, y: Tensor) -> Tensor:
-    return F.one_hot(y, z.shape[-1]).to(z.dtype).expand_as(z)
+def _softmax_ce_vg(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    logp, t = torch.log_softmax(z, dim=-1), _one_hot(z, y)
+    return -(logp * t).sum(-1).mean(-1), logp.exp_().sub_(t).div_(z.shape[1])
 
 
 def _sigmoid_bce(z: Tensor, y: Tensor) -> Tensor:
@@ -121,20 +141,35 @@ def _sigmoid_bce(z: Tensor, y: Tensor) -> Tensor:
     return bce.sum(-1).mean(-1)
 
 
+def _sigmoid_bce_vg(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    t = _one_hot(z, y)
+    loss = F.binary_cross_entropy_with_logits(z, t, reduction="none").sum(-1).mean(-1)
+    return loss, torch.sigmoid(z).sub_(t).div_(z.shape[1])  # CrossEntropyCost.delta: a - y
+
+
 def _quadratic(z: Tensor, y: Tensor) -> Tensor:
     return 0.5 * (torch.sigmoid(z) - _one_hot(z, y)).square().sum(-1).mean(-1)
+
+
+def _quadratic_vg(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    a = torch.sigmoid(z)
+    err = a - _one_hot(z, y)
+    loss = 0.5 * err.square().sum(-1).mean(-1)
+    return loss, err.mul_(a * (1 - a)).div_(z.shape[1])  # QuadraticCost.delta: (a - y) sigma'(z)
 
 
 @dataclass(frozen=True)
 class Loss:
     fn: Callable[[Tensor, Tensor], Tensor]
+    value_and_grad: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
     doc: str
 
 
 LOSSES: dict[str, Loss] = {
-    "softmax_ce": Loss(_softmax_ce, "softmax output, cross-entropy"),
-    "sigmoid_bce": Loss(_sigmoid_bce, "sigmoid output, binary cross-entropy per unit (Nielsen's CrossEntropyCost)"),
-    "quadratic": Loss(_quadratic, "sigmoid output, 0.5*||a - y||^2 (Nielsen's QuadraticCost)"),
+    "softmax_ce": Loss(_softmax_ce, _softmax_ce_vg, "softmax output, cross-entropy"),
+    "sigmoid_bce": Loss(_sigmoid_bce, _sigmoid_bce_vg,
+                        "sigmoid output, binary cross-entropy per unit (Nielsen's CrossEntropyCost)"),
+    "quadratic": Loss(_quadratic, _quadratic_vg, "sigmoid output, 0.5*||a - y||^2 (Nielsen's QuadraticCost)"),
 }
 
 

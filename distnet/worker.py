@@ -10,16 +10,17 @@ Ray never appears here: launch.py calls `train` inside a Ray Train worker.
 from __future__ import annotations
 
 import os
+import resource
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from distnet import data, metrics
+from distnet import collective, data, metrics
 from distnet.config import Config
 from distnet.model import PopulationMLP, PopulationSGD, init_theta
 
@@ -44,21 +45,21 @@ class WorkerEnv:
     device: torch.device = torch.device("cpu")
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over the process group, in place; the identity when training alone (no group)."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t.div_(dist.get_world_size())
-    return t
+def to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """The arrays on the device, once: pixels stay uint8 (a quarter of float32's memory; `pixels`
+    makes the floats the model sees), labels become int64."""
+    return {k: torch.tensor(v, device=device, dtype=torch.uint8 if k.endswith("_x") else torch.int64)
+            for k, v in arrays.items()}
 
 
-def to_device(arrays: dict[str, np.ndarray], scale: float, device: torch.device) -> dict[str, torch.Tensor]:
-    """uint8 pixels -> float32 x/scale on the device, once; labels as int64."""
-    return {
-        k: torch.tensor(v, device=device, dtype=torch.float32).div_(scale) if k.endswith("_x")
-        else torch.tensor(v, device=device, dtype=torch.int64)
-        for k, v in arrays.items()
-    }
+def pixels(x: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 pixels -> float32 x/scale (bit for bit what converting first and dividing gives)."""
+    return torch.div(x, scale, out=out)
+
+
+def max_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB), for the perf/ metrics."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _maybe_kill(cfg: Config, step: int, rank: int) -> None:
@@ -92,16 +93,18 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     committed checkpoint. `resume` is such a state: training continues from its exact step.
     """
     tc, ck = cfg.train, cfg.checkpoint
-    d = to_device(arrays, cfg.data.pixel_scale, env.device)
+    d = to_device(arrays, env.device)
     x, y = d["train_x"], d["train_y"]
     n_train = len(x)
-    probe_x, probe_y = x[: tc.probe_size], y[: tc.probe_size]
+    scale = cfg.data.pixel_scale
+    probe_x, probe_y = pixels(x[: tc.probe_size], scale), y[: tc.probe_size]
+    eval_x = pixels(d["eval_x"], scale)
     eval_prefix = "test" if cfg.data.split == "test" else "val"
 
     members = cfg.members
     model = PopulationMLP(cfg.sizes, cfg.model.activation, cfg.model.loss, init_theta(cfg.sizes, members).to(env.device))
     opt = PopulationSGD(model, [m.lr for m in members], tc.momentum, tc.l2, n_train)
-    names = metrics.grad_norm_names(len(model.layers))
+    names = metrics.grad_norm_names(len(model.layers)) if tc.step_norms else []
     steps_per_epoch = n_train // tc.batch_size
     total_steps = min(tc.epochs * steps_per_epoch, tc.max_steps or tc.epochs * steps_per_epoch)
 
@@ -109,6 +112,11 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     # host once per log interval so the hot path never waits on a host sync.
     P, S = model.population, model.n_segments
     buf = torch.empty(tc.log_every, P, S + 1, device=env.device)
+    grad_mean = collective.gradient_mean(model.grad, cfg.ray.all_reduce)
+    local_batch = tc.batch_size // env.world_size
+    # The step's batch lives in fixed buffers: no allocation per step.
+    xb_u8, yb = x.new_empty(local_batch, x.shape[1]), y.new_empty(local_batch)
+    xb = eval_x.new_empty(local_batch, x.shape[1])
     pending: list[int] = []  # global steps whose rows in buf are not yet on the host
     # A member diverges at the first step whose all-reduced gradient has a non-finite norm (the same
     # on every rank); it is frozen there and the others go on.
@@ -120,7 +128,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     def flush_steps():
         if sink is not None and pending:
             rows, div = buf[: len(pending)].cpu().numpy(), diverged_at.cpu().numpy()
-            for s, row in zip(pending, rows):
+            for s, row in zip(pending, rows if names else ()):
                 active = (div < 0) | (s <= div)  # a diverged member's series ends at its divergence
                 sink.log(s, {name: row[:, j] for j, name in enumerate(names)}, active)
             sink.progress({"step": pending[-1] + 1, "total_steps": total_steps, "loss": float(np.nanmean(rows[-1, :, S]))})
@@ -128,7 +136,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
 
     def epoch_metrics(e: int, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = {**extra, **metrics.probe(model, probe_x, probe_y),
-                  **metrics.evaluate(model, d["eval_x"], d["eval_y"], eval_prefix)}
+                  **metrics.evaluate(model, eval_x, d["eval_y"], eval_prefix)}
         active = (diverged_at < 0).cpu().numpy()
         sink.log(e, values, active)
         if active.any():
@@ -137,7 +145,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
 
     def checkpoint(done: bool = False) -> None:
         flush_steps()
-        commit({"theta": model.theta.detach().cpu(), "velocity": opt.velocity, "alive": alive.cpu(),
+        commit({"theta": model.theta.cpu(), "velocity": opt.velocity, "alive": alive.cpu(),
                 "diverged_at": diverged_at.cpu(), "loss_sum": loss_sum.cpu(), "step": step, "epoch": epoch,
                 "final": final, "rng": torch.get_rng_state()}, done)
         if sink is not None:
@@ -146,8 +154,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     if resume is None:
         final = epoch_metrics(0, {}) if sink is not None else {}  # epoch 0: the network at init
     else:
-        with torch.no_grad():
-            model.theta.copy_(resume["theta"])
+        model.theta.copy_(resume["theta"])
         if opt.velocity is not None:
             opt.velocity.copy_(resume["velocity"])
         alive, diverged_at = resume["alive"].to(env.device), resume["diverged_at"].to(env.device)
@@ -156,6 +163,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
         torch.set_rng_state(resume["rng"])
 
     while epoch <= tc.epochs and step < total_steps and alive.any():  # one host sync per epoch
+        epoch_start = time.perf_counter()
         batches = data.epoch_batches(n_train, tc.batch_size, epoch, cfg.data.shuffle_seed, env.rank, env.world_size)
         batches = batches.to(env.device)
         epoch_end = min(epoch * steps_per_epoch, total_steps)
@@ -164,18 +172,20 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
             if step == cfg.fault.raise_at_step:
                 raise RuntimeError(f"fault injection: fault.raise_at_step={step}")
             idx = batches[step - (epoch - 1) * steps_per_epoch]
-            model.theta.grad = None
-            loss = model.loss(x[idx], y[idx])
-            loss.sum().backward()  # members are independent: d(sum)/d(theta_k) = d(loss_k)/d(theta_k)
-            grad = all_reduce_mean(model.theta.grad)
-            norms = model.segment_norms(grad)
-            finite = torch.isfinite(norms).all(1)
+            pixels(torch.index_select(x, 0, idx, out=xb_u8), scale, out=xb)
+            torch.index_select(y, 0, idx, out=yb)
+            loss = model.loss_and_grad(xb, yb)
+            grad = grad_mean(model.grad)
+            slot = len(pending)
+            if tc.step_norms:
+                buf[slot, :, :S] = model.segment_norms(grad)
+                finite = torch.isfinite(buf[slot, :, :S]).all(1)
+            else:  # the divergence check still needs a finite test of the all-reduced gradient
+                finite = torch.isfinite(grad).all(1)
             diverged_at = torch.where(alive & ~finite, step, diverged_at)
             alive &= finite
-            slot = len(pending)
-            buf[slot, :, :S] = norms
-            buf[slot, :, S] = loss.detach()
-            loss_sum += loss.detach()
+            buf[slot, :, S] = loss
+            loss_sum += loss
             opt.step(grad, alive)
             pending.append(step)
             step += 1
@@ -185,14 +195,17 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
                 checkpoint()
         flush_steps()
         epoch_steps = epoch_end - (epoch - 1) * steps_per_epoch
-        train_loss = all_reduce_mean(loss_sum) / epoch_steps
+        train_loss = collective.torch_mean(loss_sum) / epoch_steps
         diverged_at = torch.where(alive & ~torch.isfinite(train_loss), step - 1, diverged_at)
         alive &= torch.isfinite(train_loss)
         if sink is not None:
-            final = epoch_metrics(epoch, {"train/loss": train_loss.cpu().numpy()})
+            loss_host = train_loss.cpu().numpy()  # a host sync: the epoch's steps are done
+            final = epoch_metrics(epoch, {"train/loss": loss_host,
+                                          "perf/epoch_s": np.full(P, time.perf_counter() - epoch_start),
+                                          "perf/max_rss_mb": np.full(P, max_rss_mb())})
         loss_sum = torch.zeros(P, device=env.device)
         epoch += 1
         if ck.unit == "step" or (epoch - 1) % ck.every == 0:
             checkpoint()
     checkpoint(done=True)
-    return {"theta": model.theta.detach().cpu(), "metrics": final, "steps": step, "diverged_at": diverged_at.cpu()}
+    return {"theta": model.theta.cpu(), "metrics": final, "steps": step, "diverged_at": diverged_at.cpu()}
