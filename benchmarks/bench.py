@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import ray
 from mlflow.tracking import MlflowClient
-from ray.train import ScalingConfig
+from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from distnet import data, launch, metrics, tracking
@@ -58,11 +58,11 @@ def distnet_run(work: Path, sizes: list[int], workers: int, overrides: dict | No
     return {"epoch_s": median_epoch(epochs), "rss_mb": rss, "population": len(result.run_ids)}
 
 
-def peer_run(sizes: list[int], workers: int, data_ref) -> dict:
+def peer_run(work: Path, sizes: list[int], workers: int, data_ref) -> dict:
     config = {"sizes": sizes, "activation": "sigmoid", "init": "xavier_normal", "seed": 0, "lr": 0.5,
               "epochs": EPOCHS, "batch_size": 128, "data": [data_ref]}
-    m = TorchTrainer(ray_peer.train_func, train_loop_config=config,
-                     scaling_config=ScalingConfig(num_workers=workers)).fit().metrics
+    m = TorchTrainer(ray_peer.train_func, train_loop_config=config, scaling_config=ScalingConfig(num_workers=workers),
+                     run_config=RunConfig(storage_path=str(work / "peer"))).fit().metrics
     return {"epoch_s": median_epoch(m["epoch_s"]), "rss_mb": m["max_rss_mb"]}
 
 
@@ -80,8 +80,8 @@ def startup(reps: int, work: Path) -> tuple[float, float]:
     for rep in range(reps):
         db = work / f"startup{rep}.db"
         start = time.time()
-        subprocess.run([sys.executable, "-m", "distnet.cli", "train", str(ROOT / "configs/default.yaml"),
-                        "--tracking-uri", f"sqlite:///{db}", "train.epochs=1", "ray.num_workers=1",
+        subprocess.run([sys.executable, "-m", "distnet.cli", "train", "--tracking-uri", f"sqlite:///{db}",
+                        str(ROOT / "configs/default.yaml"), "train.epochs=1", "ray.num_workers=1",
                         f"ray.storage_path={work / 'runs'}"], check=True, env=env, capture_output=True)
         client = MlflowClient(f"sqlite:///{db}")
         run = client.search_runs(client.search_experiments()[0].experiment_id)[0]
@@ -133,7 +133,7 @@ def main() -> None:
         for sizes, name in ((SMALL, "[784,30,10]"), (DEEP, "[784,100x5,10]")):
             for w in (1, 2):
                 d[name, w] = medians(lambda: distnet_run(work, sizes, w), reps)
-                peer = medians(lambda: peer_run(sizes, w, data_ref), reps)
+                peer = medians(lambda: peer_run(work, sizes, w, data_ref), reps)
                 row(f"{name}, {w} worker{'s' * (w > 1)}: distnet vs Ray getting-started loop",
                     d[name, w]["epoch_s"], peer["epoch_s"])
                 if w == 1:

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import tempfile
 import time
 
 import ray
 import ray.train
 import ray.train.torch
-from ray.train import ScalingConfig
+from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 import torch
 from torch import nn
@@ -76,8 +78,16 @@ def train_func(config: dict) -> None:
             optimizer.step()
             first_step = first_step or time.time()
         epoch_s.append(time.perf_counter() - start)
-        ray.train.report({"epoch": epoch, "loss": loss.item(), "epoch_s": list(epoch_s), "first_step_unix": first_step,
-                          "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        metrics = {"epoch": epoch, "loss": loss.item(), "epoch_s": list(epoch_s), "first_step_unix": first_step,
+                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        # As the guide does: rank 0 saves the model with each report (Train V2 returns metrics with
+        # checkpoints only).
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if ray.train.get_context().get_world_rank() == 0:
+                torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def main() -> None:
@@ -89,8 +99,9 @@ def main() -> None:
     config = {"sizes": [784, 30, 10], "activation": "sigmoid", "init": "xavier_normal", "seed": 0, "lr": 0.5,
               "epochs": args.epochs, "batch_size": 128,
               "data": [ray.put(data.select(data.load_mnist(), "test", None, None))]}
-    result = TorchTrainer(train_func, train_loop_config=config,
-                          scaling_config=ScalingConfig(num_workers=args.workers)).fit()
+    with tempfile.TemporaryDirectory() as storage:
+        result = TorchTrainer(train_func, train_loop_config=config, scaling_config=ScalingConfig(num_workers=args.workers),
+                              run_config=RunConfig(storage_path=storage)).fit()
     print(json.dumps(result.metrics))
 
 

@@ -162,6 +162,8 @@ def _train_loop(loop_config: dict) -> None:
                 tracking.count_restart(uri, job.run_ids)
                 step = resume["step"] if resume is not None else 0
                 tracking.tag_runs(uri, job.run_ids, {"distnet.resumed_from_step": str(step)})
+        # As many torch threads as the CPUs the worker reserved (Ray leaves torch at 1 here).
+        torch.set_num_threads(max(1, int(job.cfg.ray.cpus_per_worker)))
         out = worker.train(job.cfg, arrays, env, sink, _committer(rank, seq, sink), resume)
         if rank == 0:
             _close_job(uri, queue, lane, seq, job, out)
