@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/default.yaml
 
-.PHONY: train test bench install browser clean
+.PHONY: train test bench results install browser clean
 
 # The stamp is rebuilt when pyproject.toml changes, so a fresh clone or a new dependency reinstalls.
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +32,12 @@ test: install browser
 # Benchmarks print markdown tables; docs/benchmarks.md keeps the results with the machine.
 bench: install
 	PYTHONPATH=benchmarks $(BIN)/python benchmarks/bench.py --reps 3
+
+# The experiments of docs/results.md: each a sweep config, then its report (reports/<name>/). Hours on
+# a 2-core CPU about 40 minutes in all (docs/results.md has the times); each line can run on its own.
+EXPERIMENTS := nielsen_speed_init nielsen_speed_training nielsen_depth init_depth glorot_bengio
+results: install
+	for e in $(EXPERIMENTS); do $(BIN)/distnet sweep configs/$$e.yaml && $(BIN)/distnet report $$e || exit 1; done
 
 clean:
 	rm -rf $(VENV) mlruns mlartifacts mlruns.db distnet_runs

@@ -1,4 +1,4 @@
-"""`distnet` command line: train, list, data download / verify."""
+"""`distnet` command line: train, sweep, report, list, data download / verify."""
 
 from __future__ import annotations
 
@@ -46,6 +46,22 @@ def _sweep(args) -> int:
     return 1 if result.failed else 0
 
 
+def _report(args) -> int:
+    from distnet import report, tracking
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    out = Path(args.out or Path("reports") / "_".join(args.runs)[:80])
+    try:
+        manifest, parent = report.report(uri, args.runs, out)
+    except report.ReportError as e:
+        print(f"distnet: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {out / 'report.md'} and {len(manifest)} figures: {', '.join(manifest)}")
+    if parent:
+        print(f"logged under report/ of the sweep's parent run {parent}; open the UI: {tracking.ui_command(uri)}")
+    return 0
+
+
 def _list(args) -> int:
     print(registry.describe())
     return 0
@@ -84,6 +100,12 @@ def parser() -> argparse.ArgumentParser:
     for flag in ("--tracking-uri", "--data-dir", "--address"):
         sw.add_argument(flag, help="as for train")
     sw.set_defaults(func=_sweep)
+
+    r = sub.add_parser("report", help="figures and a Markdown report of a sweep (or runs) from MLflow")
+    r.add_argument("runs", nargs="+", help="a sweep name (its newest parent run) or MLflow run ids")
+    r.add_argument("--out", help="output folder (default reports/<name>)")
+    r.add_argument("--tracking-uri", help="as for train")
+    r.set_defaults(func=_report)
 
     sub.add_parser("list", help="print the registered inits, activations and losses").set_defaults(func=_list)
 

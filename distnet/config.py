@@ -84,8 +84,12 @@ class TrainConfig:
     max_steps: Optional[int] = field(default=None, metadata=_at_least(1))
     log_every: int = field(default=10, metadata=_at_least(1))
     probe_size: int = field(default=1000, metadata=_at_least(1))
-    # Per-layer gradient norms every step (the project's point); off only to measure what they cost.
+    # Per-layer gradient norms every step (the project's point); off for runs of very many steps
+    # that need only epoch metrics, and to measure what the norms cost.
     step_norms: bool = True
+    # GPU only: capture the whole step (gather, forward, backprop, all-reduce, norms, update) as one
+    # CUDA graph and replay it, so a small net's step costs one launch instead of ~40.
+    cuda_graph: bool = False
 
 
 @dataclass(frozen=True)
@@ -365,6 +369,9 @@ def build_config(raw: dict) -> Config:
             f"must divide train.batch_size={batch}; allowed: "
             + ", ".join(str(w) for w in range(1, batch + 1) if batch % w == 0),
         )
+    if cfg.train.cuda_graph and not cfg.ray.use_gpu:
+        raise ConfigError("train.cuda_graph", True, "CUDA graphs need GPU workers: set ray.use_gpu: true, "
+                          "or leave train.cuda_graph false on CPU")
     if cfg.data.train_limit is not None and cfg.data.train_limit < batch:
         raise ConfigError("data.train_limit", cfg.data.train_limit, f"must be >= train.batch_size={batch}")
     return cfg

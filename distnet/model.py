@@ -165,11 +165,15 @@ class PopulationSGD:
         self.velocity = torch.zeros_like(theta) if momentum else None
 
     def step(self, grad: Tensor, alive: Tensor) -> None:
-        """Update the members with alive[k]; the others stay frozen (where, not a multiply: their
-        gradient may be NaN)."""
+        """Update the members with alive[k]; the others stay frozen. `grad` is the loop's scratch
+        and is consumed. Only a frozen member's gradient can be non-finite (the loop checks every
+        step), and 0 * NaN is NaN: so non-finite entries are zeroed (nan_to_num: one vectorised
+        pass; `where` or a masked fill with a [P, 1] mask is 4-7x slower here) and a frozen
+        member's learning rate is 0, which also keeps its momentum from moving it."""
         theta = self.model.theta
+        grad.nan_to_num_(0.0, 0.0, 0.0)
         if self.decay is not None:
-            grad = grad + self.decay * theta
+            grad.addcmul_(self.decay, theta)
         if self.velocity is not None:
             grad = self.velocity.mul_(self.momentum).add_(grad)
-        theta.sub_(torch.where(alive.unsqueeze(1), self.lr * grad, 0.0))
+        theta.addcmul_(grad, self.lr * alive.unsqueeze(1), value=-1.0)

@@ -57,6 +57,24 @@ def pixels(x: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> to
     return torch.div(x, scale, out=out)
 
 
+def capture(step: Callable[[], None], state: list[torch.Tensor]) -> Callable[[], None]:
+    """`step` captured as one CUDA graph; returns its replay. Capture needs a few warm-up calls on a
+    side stream first; they train, so `state` (what a step changes) is put back afterwards."""
+    saved = [t.clone() for t in state]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t, s in zip(state, saved):
+        t.copy_(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # records the kernels without running them
+        step()
+    return graph.replay
+
+
 def max_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB), for the perf/ metrics."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -112,18 +130,41 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     # host once per log interval so the hot path never waits on a host sync.
     P, S = model.population, model.n_segments
     buf = torch.empty(tc.log_every, P, S + 1, device=env.device)
-    grad_mean = collective.gradient_mean(model.grad, cfg.ray.all_reduce)
-    local_batch = tc.batch_size // env.world_size
-    # The step's batch lives in fixed buffers: no allocation per step.
-    xb_u8, yb = x.new_empty(local_batch, x.shape[1]), y.new_empty(local_batch)
-    xb = eval_x.new_empty(local_batch, x.shape[1])
     pending: list[int] = []  # global steps whose rows in buf are not yet on the host
+    grad_mean = collective.gradient_mean(model.grad, cfg.ray.all_reduce)
     # A member diverges at the first step whose all-reduced gradient has a non-finite norm (the same
     # on every rank); it is frozen there and the others go on.
     alive = torch.ones(P, dtype=torch.bool, device=env.device)
     diverged_at = torch.full((P,), -1, dtype=torch.long, device=env.device)
     loss_sum = torch.zeros(P, device=env.device)
     step, epoch, final = 0, 1, {}
+
+    # The step reads and writes only these fixed tensors (and the model's), in place, so it can run
+    # eagerly or be replayed as a CUDA graph; no allocation per step either way.
+    local_batch = tc.batch_size // env.world_size
+    idx = torch.zeros(local_batch, dtype=torch.long, device=env.device)
+    xb_u8, yb = x.new_empty(local_batch, x.shape[1]), y.new_empty(local_batch)
+    xb = eval_x.new_empty(local_batch, x.shape[1])
+    loss, norms = torch.zeros(P, device=env.device), torch.zeros(P, S, device=env.device)
+    newly_diverged = torch.zeros(P, dtype=torch.bool, device=env.device)
+
+    def train_step() -> None:
+        pixels(torch.index_select(x, 0, idx, out=xb_u8), scale, out=xb)
+        torch.index_select(y, 0, idx, out=yb)
+        loss.copy_(model.loss_and_grad(xb, yb))
+        grad = grad_mean(model.grad)
+        if tc.step_norms:
+            norms.copy_(model.segment_norms(grad))
+            finite = torch.isfinite(norms).all(1)
+        else:  # the divergence check still needs a finite test of the all-reduced gradient
+            finite = torch.isfinite(grad).all(1)
+        torch.logical_and(alive, ~finite, out=newly_diverged)
+        alive.logical_and_(finite)
+        loss_sum.add_(loss)
+        opt.step(grad, alive)
+
+    state = [model.theta, alive, loss_sum] + ([opt.velocity] if opt.velocity is not None else [])
+    run_step = capture(train_step, state) if tc.cuda_graph else train_step
 
     def flush_steps():
         if sink is not None and pending:
@@ -157,8 +198,9 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
         model.theta.copy_(resume["theta"])
         if opt.velocity is not None:
             opt.velocity.copy_(resume["velocity"])
-        alive, diverged_at = resume["alive"].to(env.device), resume["diverged_at"].to(env.device)
-        loss_sum = resume["loss_sum"].to(env.device)
+        alive.copy_(resume["alive"])
+        diverged_at.copy_(resume["diverged_at"])
+        loss_sum.copy_(resume["loss_sum"])
         step, epoch, final = resume["step"], resume["epoch"], resume["final"]
         torch.set_rng_state(resume["rng"])
 
@@ -171,22 +213,11 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
             _maybe_kill(cfg, step, env.rank)
             if step == cfg.fault.raise_at_step:
                 raise RuntimeError(f"fault injection: fault.raise_at_step={step}")
-            idx = batches[step - (epoch - 1) * steps_per_epoch]
-            pixels(torch.index_select(x, 0, idx, out=xb_u8), scale, out=xb)
-            torch.index_select(y, 0, idx, out=yb)
-            loss = model.loss_and_grad(xb, yb)
-            grad = grad_mean(model.grad)
-            slot = len(pending)
-            if tc.step_norms:
-                buf[slot, :, :S] = model.segment_norms(grad)
-                finite = torch.isfinite(buf[slot, :, :S]).all(1)
-            else:  # the divergence check still needs a finite test of the all-reduced gradient
-                finite = torch.isfinite(grad).all(1)
-            diverged_at = torch.where(alive & ~finite, step, diverged_at)
-            alive &= finite
-            buf[slot, :, S] = loss
-            loss_sum += loss
-            opt.step(grad, alive)
+            idx.copy_(batches[step - (epoch - 1) * steps_per_epoch])
+            run_step()
+            diverged_at.masked_fill_(newly_diverged, step)
+            buf[len(pending), :, :S] = norms
+            buf[len(pending), :, S] = loss
             pending.append(step)
             step += 1
             if len(pending) == tc.log_every:
@@ -196,14 +227,14 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
         flush_steps()
         epoch_steps = epoch_end - (epoch - 1) * steps_per_epoch
         train_loss = collective.torch_mean(loss_sum) / epoch_steps
-        diverged_at = torch.where(alive & ~torch.isfinite(train_loss), step - 1, diverged_at)
-        alive &= torch.isfinite(train_loss)
+        diverged_at.masked_fill_(alive & ~torch.isfinite(train_loss), step - 1)
+        alive.logical_and_(torch.isfinite(train_loss))
         if sink is not None:
             loss_host = train_loss.cpu().numpy()  # a host sync: the epoch's steps are done
             final = epoch_metrics(epoch, {"train/loss": loss_host,
                                           "perf/epoch_s": np.full(P, time.perf_counter() - epoch_start),
                                           "perf/max_rss_mb": np.full(P, max_rss_mb())})
-        loss_sum = torch.zeros(P, device=env.device)
+        loss_sum.zero_()
         epoch += 1
         if ck.unit == "step" or (epoch - 1) % ck.every == 0:
             checkpoint()

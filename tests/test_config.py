@@ -60,6 +60,13 @@ def test_unknown_member_init():
     assert e.field == "population[1].init" and "he_normal" in str(e)
 
 
+def test_cuda_graph_is_refused_on_cpu_and_accepted_on_gpu():
+    e = error_of({"model": {"sizes": [784, 10]}, "train": {"cuda_graph": True}})
+    assert e.field == "train.cuda_graph" and "ray.use_gpu: true" in str(e)
+    assert build_config({"model": {"sizes": [784, 10]}, "train": {"cuda_graph": True},
+                         "ray": {"use_gpu": True}}).train.cuda_graph
+
+
 def test_batch_not_divisible_by_workers():
     e = error_of({"model": {"sizes": [784, 10]}, "ray": {"num_workers": 3}})
     assert e.field == "ray.num_workers" and "train.batch_size=128" in str(e)

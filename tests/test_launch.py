@@ -19,16 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"train_limit": 2560, "eval_limit": 500}  # 20 global batches of 128
 
 
-def config(workers, **train):
+def config(workers, all_reduce="auto", **train):
     return build_config({"name": f"w{workers}", "model": {"sizes": [784, 30, 30, 10], "activation": "sigmoid"},
                          "train": {"epochs": 1, "lr": 0.5, "momentum": 0.9, **train},
-                         "ray": {"num_workers": workers, "cpus_per_worker": 1}, "data": SMALL})
+                         "ray": {"num_workers": workers, "cpus_per_worker": 1, "all_reduce": all_reduce}, "data": SMALL})
 
 
-def test_two_workers_follow_the_one_worker_trajectory(ray_cluster, tracking_uri, tmp_path, monkeypatch):
+@pytest.mark.parametrize("all_reduce", ["auto", "torch"])  # shared memory on one node; gloo as across nodes
+def test_two_workers_follow_the_one_worker_trajectory(ray_cluster, tracking_uri, tmp_path, monkeypatch, all_reduce):
     monkeypatch.chdir(tmp_path)
     one = launch.run_training(config(1, max_steps=20), tracking_uri, show_progress=False)
-    two = launch.run_training(config(2, max_steps=20), tracking_uri, show_progress=False)
+    two = launch.run_training(config(2, all_reduce, max_steps=20), tracking_uri, show_progress=False)
     assert one.steps == two.steps == 20
     torch.testing.assert_close(two.theta, one.theta, atol=1e-5, rtol=0)
     # the runs did move: 20 steps at lr 0.5 change the parameters well beyond the tolerance

@@ -27,7 +27,8 @@ def metric_rows(uri) -> int:
         return db.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
 
 
-@pytest.mark.parametrize("name,cells", [("nielsen_depth", 12), ("depth_init_grid", 216), ("glorot_bengio", 6)])
+@pytest.mark.parametrize("name,cells", [("nielsen_depth", 24), ("depth_init_grid", 216), ("glorot_bengio", 6),
+                                        ("nielsen_speed_init", 30), ("nielsen_speed_training", 18), ("init_depth", 180)])
 def test_shipped_sweeps_validate(name, cells):
     sw = sweep.load_sweep(ROOT / "configs" / f"{name}.yaml")
     assert len(sw.cells) == cells and len({c.id for c in sw.cells}) == cells

@@ -1,0 +1,128 @@
+"""`distnet report`: the numbers behind each figure from a store the test fills, then the whole
+report on a tiny finished sweep (real Ray, real MLflow): every file, every line and cell."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from distnet import launch, report, sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fill(uri: str) -> list[str]:
+    """Six runs: sigmoid x {xavier_normal: depths 1, 2 with seeds 0, 1; he_normal: depth 2, seed 0}
+    and a tanh run; speed_l(epoch e) = (seed + 1) * l * 10^-e, saturation = 0.1 * l, acc known."""
+    client = MlflowClient(uri)
+    exp = client.create_experiment("filled")
+    cells = [("sigmoid", "xavier_normal", 1, 0, 0.90), ("sigmoid", "xavier_normal", 1, 1, 0.92),
+             ("sigmoid", "xavier_normal", 2, 0, 0.80), ("sigmoid", "xavier_normal", 2, 1, 0.84),
+             ("sigmoid", "he_normal", 2, 0, 0.70), ("tanh", "xavier_normal", 1, 0, 0.95)]
+    ids = []
+    for act, init, depth, seed, acc in cells:
+        run = client.create_run(exp, tags={"activation": act, "init": init, "depth": str(depth), "seed": str(seed),
+                                           "distnet.status": "finished"})
+        ms = [Metric("test/acc", acc * e / 2, 0, e) for e in range(3)]
+        for l in range(1, depth + 1):
+            ms += [Metric(f"speed/layer_{l}", (seed + 1) * l * 10.0 ** -e, 0, e) for e in range(3)]
+            ms += [Metric(f"act/saturated/layer_{l}", 0.1 * l, 0, e) for e in range(3)]
+        client.log_batch(run.info.run_id, metrics=ms)
+        client.set_terminated(run.info.run_id)
+        ids.append(run.info.run_id)
+    return ids
+
+
+def test_extraction_from_a_filled_store(tracking_uri):
+    ids = fill(tracking_uri)
+    mlflow_runs, parent, _ = report.find_runs(tracking_uri, ids)
+    assert parent is None and len(mlflow_runs) == 6
+    runs = report.read_runs(tracking_uri, mlflow_runs)
+
+    speed = report.layer_curves(runs, "speed")
+    assert set(speed) == {("sigmoid", "xavier_normal"), ("sigmoid", "he_normal"), ("tanh", "xavier_normal")}
+    b = speed[("sigmoid", "xavier_normal")][2][2]  # depth 2, hidden layer 2: seeds give 2*10^-e and 4*10^-e
+    np.testing.assert_array_equal(b.x, [0, 1, 2])
+    np.testing.assert_allclose(b.mean, [3, 0.3, 0.03])
+    np.testing.assert_allclose(b.lo, [2, 0.2, 0.02])
+    np.testing.assert_allclose(b.hi, [4, 0.4, 0.04])
+    assert b.n == 2 and set(speed[("sigmoid", "xavier_normal")]) == {1, 2}
+
+    sat = report.layer_curves(runs, "act/saturated")[("sigmoid", "xavier_normal")][2]
+    np.testing.assert_allclose(sat[1].mean, [0.1] * 3)
+    np.testing.assert_allclose(sat[2].mean, [0.2] * 3)
+
+    profile = report.init_profile(runs)[("sigmoid", "xavier_normal")]
+    np.testing.assert_array_equal(profile[2].x, [1, 2])
+    np.testing.assert_allclose(profile[2].mean, [1.5, 3.0])  # epoch 0: (seed + 1) * l, mean over seeds 0, 1
+
+    grids = report.accuracy_grid(runs)
+    depths, inits, grid = grids["sigmoid"]
+    assert depths == [1, 2] and inits == ["he_normal", "xavier_normal"]
+    np.testing.assert_allclose(grid[1], [0.70, 0.82])
+    assert math.isnan(grid[0, 0]) and grid[0, 1] == pytest.approx(0.91)
+
+    speeds = {(r["activation"], r["init"], r["depth"]): r for r in report.init_table(runs)}
+    s = speeds[("sigmoid", "xavier_normal", 2)]
+    np.testing.assert_allclose(s["mean"], [1.5, 3.0])
+    np.testing.assert_allclose(s["std"], [np.std([1, 2], ddof=1), np.std([2, 4], ddof=1)])
+    assert s["ratio"] == pytest.approx(0.5) and speeds[("tanh", "xavier_normal", 1)]["std"] is None
+
+    rows = {(r["activation"], r["init"], r["depth"]): r for r in report.cell_table(runs)}
+    r = rows[("sigmoid", "xavier_normal", 2)]
+    assert r["seeds"] == 2 and r["acc_mean"] == pytest.approx(0.82) and r["acc_min"] == pytest.approx(0.80)
+    assert r["acc_std"] == pytest.approx(np.std([0.80, 0.84], ddof=1)) and r["status"] == "2 finished"
+
+
+def test_band_keeps_only_epochs_every_seed_has():
+    b = report.band([{0: 1.0, 1: 2.0, 2: 3.0}, {0: 3.0, 1: 4.0}])  # the second seed diverged after epoch 1
+    np.testing.assert_array_equal(b.x, [0, 1])
+    np.testing.assert_allclose(b.mean, [2, 3])
+
+
+def test_unknown_selector_is_refused(tracking_uri):
+    fill(tracking_uri)
+    with pytest.raises(report.ReportError, match="neither a sweep name nor a run id"):
+        report.find_runs(tracking_uri, ["no-such-sweep"])
+
+
+def test_report_on_a_tiny_finished_sweep(ray_cluster, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sw = sweep.build_sweep({
+        "name": "tiny", "model": {"width": 16, "activation": "sigmoid"},
+        "train": {"epochs": 2, "log_every": 5}, "data": {"train_limit": 1280, "eval_limit": 300},
+        "ray": {"num_workers": 1}, "mlflow": {"experiment": "report"}, "sweep": {"pack": 8},
+        "grid": {"model.depth": [1, 2], "model.init": ["xavier_normal", "nielsen"], "seed": [0, 1]}})
+    result = launch.run_sweep(sw, tracking_uri, say=lambda *_: None)
+    assert result.trained == 8 and not result.failed
+
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "distnet.cli", "report", "--tracking-uri", tracking_uri,
+                           "--out", str(out), "tiny"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = {"speed_sigmoid_xavier_normal.png", "speed_sigmoid_nielsen.png", "saturation_sigmoid_xavier_normal.png",
+                "saturation_sigmoid_nielsen.png", "init_profile.png", "accuracy.png", "report.md"}
+    assert {p.name for p in out.iterdir()} == expected
+    for png in out.glob("*.png"):
+        h, w, _ = matplotlib.image.imread(png).shape
+        assert h > 200 and w > 200
+
+    manifest, _ = report.report(tracking_uri, ["tiny"], tmp_path / "again")
+    for init in ("xavier_normal", "nielsen"):
+        for kind in ("speed", "saturation"):  # a panel per depth, a line per hidden layer
+            assert manifest[f"{kind}_sigmoid_{init}.png"] == {"panels": 2, "lines": [1, 2], "cells": [0, 0]}
+    assert manifest["init_profile.png"] == {"panels": 2, "lines": [2, 2], "cells": [0, 0]}  # a line per depth
+    assert manifest["accuracy.png"]["cells"] == [4]  # 2 depths x 2 inits, one activation
+    text = (out / "report.md").read_text()
+    assert "8 runs in 4 cells" in text and "2 finished" in text
+    assert text.count("| sigmoid |") == 8  # a row per cell in each table: accuracy, speed at init
+
+    client = MlflowClient(tracking_uri)
+    logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
+    assert {f"report/{name}" for name in expected} <= logged
