@@ -144,7 +144,7 @@ def main() -> None:
         gloo = medians(lambda: distnet_run(work, SMALL, 2, {"ray.all_reduce": "torch"}), reps)
         row("[784,30,10], 2 workers: shared-memory all-reduce vs gloo (distnet both)", d["[784,30,10]", 2]["epoch_s"],
             gloo["epoch_s"])
-        off = medians(lambda: distnet_run(work, SMALL, 1, {"train.step_norms": False}), reps)
+        off = medians(lambda: distnet_run(work, SMALL, 1, {"train.step_norms": False}), reps)["epoch_s"]
         on = d["[784,30,10]", 1]["epoch_s"]
         rows.append(("[784,30,10], 1 worker: per-step gradient norms on vs off (cost, <= 5% wanted)",
                      f"{on:.3f}", f"{off:.3f}", "s/epoch", f"{(on / off - 1) * 100:+.1f}%"))

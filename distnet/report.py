@@ -8,8 +8,10 @@ min..max over seeds):
 - init_profile.png: that norm at init (epoch 0) vs hidden-layer index, one panel per
   activation x init, one line per depth;
 - accuracy.png: final test (or validation) accuracy, depth x init heatmap, one panel per activation;
-- saturation_<activation>_<init>.png: fraction of saturated units per hidden layer vs epoch
-  (Glorot and Bengio's figure), one panel per depth, one line per hidden layer.
+- saturation_<activation>_<init>.png: fraction of saturated units per hidden layer vs epoch, one
+  panel per depth, one line per hidden layer;
+- activation_<activation>_<init>.png: each hidden layer's activation mean vs epoch, the band its
+  units' standard deviation (Glorot and Bengio's figure 2).
 
 Extraction (MLflow -> arrays) and drawing are separate functions so the numbers behind every
 figure can be tested on their own.
@@ -113,7 +115,8 @@ def read_runs(uri: str, mlflow_runs: list) -> list[Run]:
                   tags.get("distnet.status") or r.info.status.lower(), metrics.get(acc_key, math.nan),
                   variant=variant)
         for layer in range(1, depth + 1):
-            for key in (f"speed/layer_{layer}", f"act/saturated/layer_{layer}"):
+            for key in (f"speed/layer_{layer}", f"act/saturated/layer_{layer}", f"act/mean/layer_{layer}",
+                        f"act/std/layer_{layer}"):
                 run.series[key] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, key)}
         run.series[acc_key] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, acc_key)}
         out.append(run)
@@ -215,26 +218,34 @@ def cell_table(runs: list[Run]) -> list[dict]:
 def _panels(n: int, width: float = 4.2, height: float = 3.4):
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, cols, figsize=(max(width * cols, 7.0), height * rows), squeeze=False,
+                             layout="constrained")  # 7 in at least: room for the title
     for ax in axes.flat[n:]:
         ax.remove()
     return fig, list(axes.flat[:n])
 
 
-def _draw(ax, b: Band, label: str, log: bool) -> None:
+def _draw(ax, b: Band, label: str, log: bool, band: bool | None = None) -> None:
     (line,) = ax.plot(b.x, b.mean, marker="o" if len(b.x) < 12 else None, ms=3, label=label)
-    if b.n > 1:
+    if b.n > 1 if band is None else band:
         ax.fill_between(b.x, b.lo, b.hi, color=line.get_color(), alpha=0.2, linewidth=0)
     if log:
         ax.set_yscale("log")
 
 
-def layer_figure(curves: dict[int, dict[int, Band]], title: str, ylabel: str, log: bool):
+def within_layer(mean: dict[int, dict[int, Band]], std: dict[int, dict[int, Band]]) -> dict[int, dict[int, Band]]:
+    """Activation mean +- the activations' own standard deviation in the layer (Glorot and Bengio's
+    bars), both averaged over seeds: the band is the spread of the units, not of the seeds."""
+    return {d: {l: Band(b.x, b.mean, b.mean - std[d][l].mean, b.mean + std[d][l].mean, b.n)
+                for l, b in layers.items()} for d, layers in mean.items()}
+
+
+def layer_figure(curves: dict[int, dict[int, Band]], title: str, ylabel: str, log: bool, band: bool | None = None):
     """One panel per depth, one line per hidden layer, x = epoch."""
     fig, axes = _panels(len(curves))
     for ax, (depth, layers) in zip(axes, curves.items()):
         for layer, b in layers.items():
-            _draw(ax, b, f"hidden layer {layer}", log)
+            _draw(ax, b, f"hidden layer {layer}", log, band)
         n = next(iter(layers.values())).n
         ax.set(title=f"{depth} hidden layer{'s' * (depth > 1)} ({n} seed{'s' * (n > 1)})", xlabel="epoch",
                ylabel=ylabel)
@@ -297,11 +308,16 @@ def write_report(runs: list[Run], out: Path, title: str) -> dict[str, dict]:
     eval_name = "test" if any("test/acc" in r.series for r in runs) else "validation"
     figures = {}
     speed, saturation = layer_curves(runs, "speed"), layer_curves(runs, "act/saturated")
+    act_mean, act_std = layer_curves(runs, "act/mean"), layer_curves(runs, "act/std")
     for (act, init), curves in speed.items():
-        figures[f"speed_{_slug(act)}_{_slug(init)}.png"] = layer_figure(
+        g, name = (act, init), f"{_slug(act)}_{_slug(init)}.png"
+        figures[f"speed_{name}"] = layer_figure(
             curves, f"Speed of learning: {act}, {init}", "bias-gradient norm (probe)", log=True)
-        figures[f"saturation_{_slug(act)}_{_slug(init)}.png"] = layer_figure(
-            saturation[(act, init)], f"Saturated units: {act}, {init}", "fraction saturated", log=False)
+        figures[f"saturation_{name}"] = layer_figure(
+            saturation[g], f"Saturated units: {act}, {init}", "fraction saturated", log=False)
+        figures[f"activation_{name}"] = layer_figure(
+            within_layer(act_mean[g], act_std[g]), f"Activations, mean +- std over units: {act}, {init}",
+            "activation (probe images)", log=False, band=True)
     profiles = {g: p for g, p in init_profile(runs).items() if p}
     if profiles:
         figures["init_profile.png"] = profile_figure(profiles)

@@ -33,6 +33,8 @@ def fill(uri: str) -> list[str]:
         for l in range(1, depth + 1):
             ms += [Metric(f"speed/layer_{l}", (seed + 1) * l * 10.0 ** -e, 0, e) for e in range(3)]
             ms += [Metric(f"act/saturated/layer_{l}", 0.1 * l, 0, e) for e in range(3)]
+            ms += [Metric(f"act/mean/layer_{l}", 0.5, 0, e) for e in range(3)]
+            ms += [Metric(f"act/std/layer_{l}", 0.1 * e, 0, e) for e in range(3)]
         client.log_batch(run.info.run_id, metrics=ms)
         client.set_terminated(run.info.run_id)
         ids.append(run.info.run_id)
@@ -53,6 +55,11 @@ def test_extraction_from_a_filled_store(tracking_uri):
     np.testing.assert_allclose(b.lo, [2, 0.2, 0.02])
     np.testing.assert_allclose(b.hi, [4, 0.4, 0.04])
     assert b.n == 2 and set(speed[("sigmoid", "xavier_normal")]) == {1, 2}
+
+    g = ("sigmoid", "xavier_normal")
+    bars = report.within_layer(report.layer_curves(runs, "act/mean")[g], report.layer_curves(runs, "act/std")[g])
+    np.testing.assert_allclose(bars[2][1].lo, [0.5, 0.4, 0.3])
+    np.testing.assert_allclose(bars[2][1].hi, [0.5, 0.6, 0.7])
 
     sat = report.layer_curves(runs, "act/saturated")[("sigmoid", "xavier_normal")][2]
     np.testing.assert_allclose(sat[1].mean, [0.1] * 3)
@@ -106,8 +113,8 @@ def test_report_on_a_tiny_finished_sweep(ray_cluster, tracking_uri, tmp_path, mo
     proc = subprocess.run([sys.executable, "-m", "distnet.cli", "report", "--tracking-uri", tracking_uri,
                            "--out", str(out), "tiny"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = {"speed_sigmoid_xavier_normal.png", "speed_sigmoid_nielsen.png", "saturation_sigmoid_xavier_normal.png",
-                "saturation_sigmoid_nielsen.png", "init_profile.png", "accuracy.png", "report.md"}
+    expected = {f"{kind}_sigmoid_{init}.png" for kind in ("speed", "saturation", "activation")
+                for init in ("xavier_normal", "nielsen")} | {"init_profile.png", "accuracy.png", "report.md"}
     assert {p.name for p in out.iterdir()} == expected
     for png in out.glob("*.png"):
         h, w, _ = matplotlib.image.imread(png).shape
@@ -115,7 +122,7 @@ def test_report_on_a_tiny_finished_sweep(ray_cluster, tracking_uri, tmp_path, mo
 
     manifest, _ = report.report(tracking_uri, ["tiny"], tmp_path / "again")
     for init in ("xavier_normal", "nielsen"):
-        for kind in ("speed", "saturation"):  # a panel per depth, a line per hidden layer
+        for kind in ("speed", "saturation", "activation"):  # a panel per depth, a line per hidden layer
             assert manifest[f"{kind}_sigmoid_{init}.png"] == {"panels": 2, "lines": [1, 2], "cells": [0, 0]}
     assert manifest["init_profile.png"] == {"panels": 2, "lines": [2, 2], "cells": [0, 0]}  # a line per depth
     assert manifest["accuracy.png"]["cells"] == [4]  # 2 depths x 2 inits, one activation
