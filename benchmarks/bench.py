@@ -163,14 +163,16 @@ def main() -> None:
                      f"{cost_us:.0f}", "", "us/step", f"{share * 100:.1f}% of a step"))
         rows.append(("start-up, command to first step: distnet train vs peer script", f"{ours_start:.1f}",
                      f"{peer_start:.1f}", "s", f"{peer_start / ours_start:.2f}x"))
-        sweep_ours, sweep_tune = [], []
+        sweeps = {"one lane": [], "two lanes": [], "tune": []}
         for _ in range(reps):
             with tempfile.TemporaryDirectory(dir=work) as sub:
-                sweep_ours.append(bench_sweep.run_distnet(Path(sub)))
-                sweep_tune.append(bench_sweep.run_tune(Path(sub), data_ref))
-        a, b = statistics.median(sweep_ours), statistics.median(sweep_tune)
-        row("24-cell sweep: distnet sweep vs one Tune trial per cell (cells/hour)", 24 * 3600 / a, 24 * 3600 / b,
-            "cells/hour", better="higher")
+                sweeps["one lane"].append(bench_sweep.run_distnet(Path(sub) / "one", lanes=1))
+                sweeps["two lanes"].append(bench_sweep.run_distnet(Path(sub) / "two", lanes=2))
+                sweeps["tune"].append(bench_sweep.run_tune(Path(sub), data_ref))
+        tune = statistics.median(sweeps["tune"])
+        for name, what in (("one lane", "1 lane of 2 CPUs"), ("two lanes", "2 lanes of 1 CPU")):
+            row(f"24-cell sweep: distnet sweep ({what}) vs one Tune trial per cell, 2 at once (cells/hour)",
+                24 * 3600 / statistics.median(sweeps[name]), 24 * 3600 / tune, "cells/hour", better="higher")
     print("\n| row | distnet | peer / baseline | unit | ratio |\n| --- | --- | --- | --- | --- |")
     for r in rows:
         print("| " + " | ".join(r) + " |")

@@ -1,6 +1,11 @@
-"""The sweep row of `make bench` (benchmarks/bench.py): a 24-cell grid of small nets, `distnet sweep`
+"""The sweep rows of `make bench` (benchmarks/bench.py): a 24-cell grid of small nets, `distnet sweep`
 vs one Ray Tune trial per cell, each trial driving a TorchTrainer running Ray's getting-started loop
 (the Train V2 + Tune pattern from Ray's docs), on the caller's Ray (4 logical CPUs).
+
+Each side runs as it runs best on the 2-core machine. Tune: two trials at once (one CPU each, Ray's
+default; a trial is mostly start-up, so fewer at once is slower). distnet: its two populations one
+after the other on one lane whose worker has both CPUs (`LANES` = 1, 2 CPUs a worker); the bench
+also times two lanes of one CPU each, where two trainers start at once and share the two cores.
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ GRID = {"model.depth": [1, 2], "model.init": ["nielsen_scaled", "xavier_normal",
         "seed": [0, 1, 2]}
 BASE = {"name": "bench24", "model": {"width": 30, "activation": "sigmoid"}, "train": {"epochs": 1, "lr": 0.5},
         "ray": {"num_workers": 1}, "mlflow": {"experiment": "bench"}}
-CONCURRENT = 2  # both sides: two 1-worker trainings at once on this 2-core machine
+TUNE_CONCURRENT = 2
+LANES = {1: 2, 2: 1}  # distnet lanes -> CPUs per worker
 
 
-def run_distnet(workdir: Path) -> float:
-    sw = sweep.build_sweep({**BASE, "grid": GRID, "sweep": {"pack": 16, "max_concurrent": CONCURRENT},
-                            "ray": {"num_workers": 1, "storage_path": str(workdir / "runs")}})
+def run_distnet(workdir: Path, lanes: int) -> float:
+    sw = sweep.build_sweep({**BASE, "grid": GRID, "sweep": {"pack": 16, "max_concurrent": lanes},
+                            "ray": {"num_workers": 1, "cpus_per_worker": LANES[lanes],
+                                    "storage_path": str(workdir / "runs")}})
+    workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result = launch.run_sweep(sw, f"sqlite:///{workdir / 'mlruns.db'}", say=lambda *_: None)
     elapsed = time.perf_counter() - start
@@ -52,7 +60,7 @@ def run_tune(workdir: Path, data_ref) -> float:
     tuner = ray.tune.Tuner(
         train_driver_fn,
         param_space=space,
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=CONCURRENT),
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=TUNE_CONCURRENT),
         run_config=ray.tune.RunConfig(storage_path=str(workdir / "tune"), verbose=0),
     )
     start = time.perf_counter()

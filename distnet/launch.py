@@ -3,7 +3,8 @@
 A *job* is one population's training: its config, its MLflow run ids, and a reference to the data
 in the object store. A *lane* is one TorchTrainer (gloo on CPU, NCCL with one GPU per worker) whose
 workers take jobs from a queue actor one after another, so a sweep pays Ray Train's start-up
-(about 15 s here) once per lane instead of once per job. `distnet train` is one lane with one job.
+(about 12 s here) once per lane instead of once per job. Lanes are driver threads; the queue
+and the progress board are the small actors of lanes.py. `distnet train` is one lane with one job.
 
 Each worker gets the arrays from the object store (only the driver needs the files) and runs the
 plain-PyTorch loop in worker.py. After each job rank 0 reports the final parameters as a checkpoint
@@ -16,9 +17,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from distnet import data, sweep, tracking, worker
+from distnet.lanes import JobQueue, ProgressBoard
 from distnet.config import Config, config_hash
 from distnet.progress import ProgressPrinter
 
@@ -49,60 +51,6 @@ class TrainingResult:
     metrics: dict[str, list[float]]  # rank 0's final per-member metrics
     steps: int
     diverged: dict[int, int]  # member -> step of its first non-finite gradient
-
-
-@ray.remote(num_cpus=0)
-class ProgressBoard:
-    """Rank 0 posts its progress here; the driver polls it for the progress line."""
-
-    def __init__(self):
-        self.state: dict = {}
-
-    def update(self, state: dict) -> None:
-        self.state.update(state)
-
-    def get(self) -> dict:
-        return self.state
-
-
-@ray.remote(num_cpus=0)
-class JobQueue:
-    """Hands jobs to lanes. Every rank of a lane asks for its lane's n-th job and gets the same one;
-    rank 0 marks it done. A job taken and not done is in flight: what a failed trainer was on."""
-
-    def __init__(self, jobs: list[Job]):
-        self.waiting = deque(jobs)
-        self.taken: dict[tuple[int, int], Job | None] = {}
-        self.in_flight: dict[int, tuple[int, Job]] = {}
-        self.outcomes: list[dict] = []
-
-    def take(self, lane: int, seq: int) -> Job | None:
-        if (lane, seq) not in self.taken:
-            job = self.waiting.popleft() if self.waiting else None
-            self.taken[(lane, seq)] = job
-            if job is not None:
-                self.in_flight[lane] = (seq, job)
-        return self.taken[(lane, seq)]
-
-    def done(self, lane: int, seq: int, outcome: dict) -> None:
-        """Idempotent: a restarted lane may report a job it had finished before dying."""
-        if lane in self.in_flight and self.in_flight[lane][0] == seq:
-            _, job = self.in_flight.pop(lane)
-            self.outcomes.append({"cells": len(job.run_ids), **outcome})
-
-    def fail_in_flight(self, lane: int, error: str) -> Job | None:
-        """The lane's trainer died: its job counts as failed; the lane's next trainer starts afresh
-        at sequence 0, so its old (lane, seq) answers are forgotten."""
-        self.taken = {k: v for k, v in self.taken.items() if k[0] != lane}
-        if lane not in self.in_flight:
-            return None
-        _, job = self.in_flight.pop(lane)
-        self.outcomes.append({"cells": len(job.run_ids), "error": error})
-        return job
-
-    def status(self) -> dict:
-        return {"waiting": len(self.waiting), "outcomes": list(self.outcomes),
-                "running": sum(len(j.run_ids) for _, j in self.in_flight.values())}
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -146,10 +94,11 @@ def _train_loop(loop_config: dict) -> None:
         seq = meta["seq"]
         if meta["done"]:  # the job finished; make sure its runs were closed, then take the next
             if rank == 0:
-                job = ray.get(queue.take.remote(lane, seq))
+                job = ray.get(ray.get(queue.take.remote(lane, seq)))
                 _close_job(uri, queue, lane, seq, job, resume)
             seq, resume = seq + 1, None
-    while (job := ray.get(queue.take.remote(lane, seq))) is not None:
+    while (ref := ray.get(queue.take.remote(lane, seq))) is not None:
+        job = ray.get(ref)
         (arrays,) = ray.get([job.data])
         sink = None
         if rank == 0:
@@ -238,7 +187,8 @@ def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, ad
                                           "run_ids": run_ids, "ray_name": ray_name}))
     try:
         ensure_ray(address)
-        queue = JobQueue.remote([Job(cfg, run_ids, ray.put(arrays), resumed)])
+        entries = [(ray.put(Job(cfg, run_ids, ray.put(arrays), resumed)), run_ids)]  # held while it trains
+        queue = JobQueue.remote(entries)
         board = ProgressBoard.remote() if show_progress else None
         result = fit_lane(cfg, queue, 0, tracking_uri, board, name=ray_name)
         _, state = _load_checkpoint(result.checkpoint)
@@ -252,17 +202,18 @@ def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, ad
 
 
 # ---------------------------------------------------------------- sweeps
-@ray.remote(num_cpus=0)
 def _lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri: str) -> None:
-    """A sweep lane as a Ray task (it holds no CPU; its trainer's workers reserve theirs). A trainer
-    that fails marks the job it was on FAILED; the lane goes on with a new trainer."""
+    """A sweep lane, run in a driver thread (Ray Train's fit supports that, as Tune uses it): a trainer
+    that fails marks the job it was on FAILED and the lane goes on with a new trainer. A thread rather
+    than a Ray task: a task would start one more Python process and import torch, Ray Train and MLflow
+    there, seconds of start-up per lane."""
     while ray.get(queue.status.remote())["waiting"]:
         try:
             fit_lane(cfg, queue, lane, tracking_uri)
         except Exception as e:
-            job = ray.get(queue.fail_in_flight.remote(lane, f"{type(e).__name__}: {e}"))
-            if job is not None:
-                tracking.fail_runs(tracking_uri, job.run_ids, e)
+            run_ids = ray.get(queue.fail_in_flight.remote(lane, f"{type(e).__name__}: {e}"))
+            if run_ids is not None:
+                tracking.fail_runs(tracking_uri, run_ids, e)
 
 
 @dataclass
@@ -327,11 +278,17 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
             tags = [{"distnet.cell_id": c.id, "mlflow.runName": f"{sw.name}/{c.label}",
                      **{k: str(v) for k, v in c.axes.items()}} for c in group]
             jobs.append(Job(cfg, tracking.create_runs(tracking_uri, cfg, parent, tags), data_refs[key]))
-        queue = JobQueue.remote(jobs)
-        pending = [_lane.remote(first, queue, lane, tracking_uri) for lane in range(lanes)]
+        entries = [(ray.put(job), job.run_ids) for job in jobs]  # held here while the lanes train
+        queue = JobQueue.remote(entries)
+        # Daemon threads: an interrupted driver exits at once, and Ray ends the trainers it owned.
+        pending = [threading.Thread(target=_lane, args=(first, queue, lane, tracking_uri), daemon=True)
+                   for lane in range(lanes)]
+        for t in pending:
+            t.start()
         shown = None
         while pending:
-            _, pending = ray.wait(pending, timeout=1.0)
+            pending[0].join(timeout=1.0)
+            pending = [t for t in pending if t.is_alive()]
             line = _progress_line(ray.get(queue.status.remote()), len(todo))
             if line != shown:
                 say(line)
