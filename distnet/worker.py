@@ -145,7 +145,8 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     idx = torch.zeros(local_batch, dtype=torch.long, device=env.device)
     xb_u8, yb = x.new_empty(local_batch, x.shape[1]), y.new_empty(local_batch)
     xb = eval_x.new_empty(local_batch, x.shape[1])
-    loss, norms = torch.zeros(P, device=env.device), torch.zeros(P, S, device=env.device)
+    record = torch.zeros(P, S + 1, device=env.device)  # this step's norms and loss, one row of buf
+    norms, loss = record[:, :S], record[:, S]
     newly_diverged = torch.zeros(P, dtype=torch.bool, device=env.device)
 
     def train_step() -> None:
@@ -216,8 +217,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
             idx.copy_(batches[step - (epoch - 1) * steps_per_epoch])
             run_step()
             diverged_at.masked_fill_(newly_diverged, step)
-            buf[len(pending), :, :S] = norms
-            buf[len(pending), :, S] = loss
+            buf[len(pending)].copy_(record)
             pending.append(step)
             step += 1
             if len(pending) == tc.log_every:

@@ -10,15 +10,15 @@ from mlflow.tracking import MlflowClient
 from distnet import tracking
 
 
-def _metrics(first_step: int, n: int) -> list[Metric]:
+def _metrics(first_step: int, n: int) -> list[tracking.Row]:
     """Per-step values of three keys with NaN and infinities among them, one key's steps logged out
     of order, and one value repeated (MLflow keeps a repeat once)."""
     out = []
     for s in range(first_step, first_step + n):
-        out += [Metric("grad_norm/w/layer_1", 0.5 + s, 1000 + s, s),
-                Metric("grad_norm/b/layer_1", [math.nan, math.inf, -math.inf, 2.0][s % 4], 1000 + s, s)]
-    out += [Metric("train/loss", 3.0, 2000, first_step + 5), Metric("train/loss", 4.0, 2000, first_step + 1),
-            Metric("train/loss", 4.0, 2000, first_step + 1)]
+        out += [("grad_norm/w/layer_1", 0.5 + s, 1000 + s, s),
+                ("grad_norm/b/layer_1", [math.nan, math.inf, -math.inf, 2.0][s % 4], 1000 + s, s)]
+    out += [("train/loss", 3.0, 2000, first_step + 5), ("train/loss", 4.0, 2000, first_step + 1),
+            ("train/loss", 4.0, 2000, first_step + 1)]
     return out
 
 
@@ -37,7 +37,7 @@ def test_fast_path_writes_what_log_batch_writes(tmp_path, monkeypatch):
     # Two flushes; the second holds older steps of train/loss than the first (latest must not regress).
     batches = [_metrics(10, 8), _metrics(0, 6) + _metrics(30, 3)]
     for batch in batches:
-        client.log_batch(theirs, metrics=batch)
+        client.log_batch(theirs, metrics=[Metric(*row) for row in batch])
     with monkeypatch.context() as m:  # the fast path never falls back to log_batch here
         m.setattr(client, "log_batch", lambda *a, **k: pytest.fail("log_batch called"))
         for batch in batches:
