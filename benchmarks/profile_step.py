@@ -70,18 +70,35 @@ def main() -> None:
     members = [Member("xavier_normal", 1.0, None, k, 0.1) for k in range(P)]
     model = PopulationMLP(sizes, "sigmoid", "softmax_ce", init_theta(sizes, members))
     opt = PopulationSGD(model, [m.lr for m in members], 0.0, 0.0, len(x))
-    alive = torch.ones(P, dtype=torch.bool)
+    alive, newly = torch.ones(P, dtype=torch.bool), torch.zeros(P, dtype=torch.bool)
+    diverged_at, loss_sum = torch.full((P,), -1), torch.zeros(P)
     xb_u8, xb, yb = x.new_empty(B, x.shape[1]), torch.empty(B, x.shape[1]), y.new_empty(B)
+    S = model.n_segments
+    record, buf, idx_buf = torch.zeros(P, S + 1), torch.zeros(50, P, S + 1), torch.zeros(B, dtype=torch.long)
+    norms, loss = record[:, :S], record[:, S]
     steps = len(x) // B
     batches = data.epoch_batches(len(x), B, 1, 0, 0, 1)
 
+    def divergence_check(idx):
+        finite = torch.isfinite(norms).all(1)
+        torch.logical_and(alive, ~finite, out=newly)
+        alive.logical_and_(finite)
+        loss_sum.add_(loss)
+
+    def bookkeeping(idx):  # what worker.train does around each step
+        idx_buf.copy_(idx)
+        diverged_at.masked_fill_(newly, 0)
+        buf[0].copy_(record)
+
+    # The same calls as worker.train's step, in its order; the all-reduce is absent (1 worker).
     phases = {
         "gather batch (uint8 -> float)": lambda idx: worker.pixels(torch.index_select(x, 0, idx, out=xb_u8), 255.0, out=xb),
         "gather labels": lambda idx: torch.index_select(y, 0, idx, out=yb),
-        "forward + loss + backprop": lambda idx: model.loss_and_grad(xb, yb),
-        "gradient norms (2L segments)": lambda idx: model.segment_norms(model.grad),
-        "divergence check": lambda idx: torch.isfinite(model.segment_norms(model.grad)).all(1),
+        "forward + loss + backprop": lambda idx: loss.copy_(model.loss_and_grad(xb, yb)),
+        "gradient norms (2L segments)": lambda idx: norms.copy_(model.segment_norms(model.grad)),
+        "divergence check and loss sum": divergence_check,
         "SGD update": lambda idx: opt.step(model.grad, alive),
+        "loop bookkeeping (batch index in, norms and loss to the log buffer)": bookkeeping,
     }
     times = {name: [] for name in phases}
     for rep in range(2):  # the first pass warms up
