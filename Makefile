@@ -33,8 +33,8 @@ test: install browser
 bench: install
 	PYTHONPATH=benchmarks $(BIN)/python benchmarks/bench.py --reps 3
 
-# The experiments of docs/results.md: each a sweep config, then its report (reports/<name>/). Hours on
-# a 2-core CPU about 25 minutes in all (sweeps: 36 s, 165 s, 133 s, 318 s, 638 s); each can run alone.
+# The experiments of docs/results.md: each a sweep config, then its report (reports/<name>/). On a
+# 2-core CPU about 25 minutes in all (sweeps: 36 s, 165 s, 133 s, 318 s, 638 s); each can run alone.
 EXPERIMENTS := nielsen_speed_init nielsen_speed_training nielsen_depth init_depth glorot_bengio
 results: $(addprefix results-,$(EXPERIMENTS))
 

@@ -4,8 +4,8 @@ vs one Ray Tune trial per cell, each trial driving a TorchTrainer running Ray's 
 
 Each side runs as it runs best on the 2-core machine. Tune: two trials at once (one CPU each, Ray's
 default; a trial is mostly start-up, so fewer at once is slower). distnet: its two populations one
-after the other on one lane whose worker has both CPUs (`LANES` = 1, 2 CPUs a worker); the bench
-also times two lanes of one CPU each, where two trainers start at once and share the two cores.
+after the other on one lane whose worker has both CPUs; the bench also times two lanes of one CPU
+each, where two trainers start at once and share the two cores.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ GRID = {"model.depth": [1, 2], "model.init": ["nielsen_scaled", "xavier_normal",
 BASE = {"name": "bench24", "model": {"width": 30, "activation": "sigmoid"}, "train": {"epochs": 1, "lr": 0.5},
         "ray": {"num_workers": 1}, "mlflow": {"experiment": "bench"}}
 TUNE_CONCURRENT = 2
-LANES = {1: 2, 2: 1}  # distnet lanes -> CPUs per worker
+CORES = 2  # shared by distnet's lanes: each lane's worker gets CORES // lanes CPUs
 
 
 def run_distnet(workdir: Path, lanes: int) -> float:
     sw = sweep.build_sweep({**BASE, "grid": GRID, "sweep": {"pack": 16, "max_concurrent": lanes},
-                            "ray": {"num_workers": 1, "cpus_per_worker": LANES[lanes],
+                            "ray": {"num_workers": 1, "cpus_per_worker": CORES // lanes,
                                     "storage_path": str(workdir / "runs")}})
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -31,8 +31,8 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from distnet import data, sweep, tracking, worker
-from distnet.lanes import JobQueue, ProgressBoard
 from distnet.config import Config, config_hash
+from distnet.lanes import JobQueue, ProgressBoard
 from distnet.progress import ProgressPrinter
 
 

@@ -171,6 +171,8 @@ def write_metrics(client: MlflowClient, run_id: str, metrics: list[Row]) -> None
     the largest float) are used, and tests/test_tracking.py checks the result against log_batch's.
     Any other store (an MLflow server) gets log_batch, 1000 values a call."""
     store = client._tracking_client.store
+    if not metrics:
+        return
     if not isinstance(store, SqlAlchemyStore):
         return _log_batches(client, run_id, metrics)
     rows: dict[tuple, dict] = {}  # by MLflow's identity of a value: a repeat is written once
@@ -196,8 +198,6 @@ def write_metrics(client: MlflowClient, run_id: str, metrics: list[Row]) -> None
                     for field in ("value", "timestamp", "step", "is_nan"):
                         setattr(held[key], field, row[field])
 
-    if not rows:
-        return
     try:
         retry_locked(transaction)
     except MlflowException as e:  # the store wraps the database's errors
