@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/default.yaml
 
-.PHONY: train test bench results install browser clean
+.PHONY: train test bench results install browser postgres clean
 
 # The stamp is rebuilt when pyproject.toml changes, so a fresh clone or a new dependency reinstalls.
 $(VENV)/.installed: pyproject.toml
@@ -26,7 +26,14 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 	  echo "make: no chromium; the MLflow UI browser test will be skipped"
 
-test: install browser
+# tests/test_postgres.py runs a real PostgreSQL (Debian's package; CI runs as root on Debian).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "make: no PostgreSQL; tests/test_postgres.py will fail"
+
+test: install browser postgres
 	$(BIN)/python -m pytest -q tests
 
 # Benchmarks print markdown tables; docs/benchmarks.md keeps the results with the machine.

@@ -32,6 +32,7 @@ from distnet import data, launch, metrics, tracking
 from distnet.config import build_config, merge, nest
 
 import bench_sweep
+import bench_tracking
 import ray_peer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +73,9 @@ def medians(fn, reps: int) -> dict:
 
 
 def startup(reps: int, work: Path) -> tuple[float, float]:
-    """Seconds from the command to the first training step: `distnet train` (its step-0 gradient
-    norms carry their wall-clock timestamp) and the peer as a script (it reports its first step)."""
+    """Seconds from the command to the first training steps: `distnet train` (the first interval
+    summary of its gradient norms carries the wall-clock time it was handed over, 10 steps in) and
+    the peer as a script (it reports its first step)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")}
     env.pop("RAY_ADDRESS", None)
     ours, theirs = [], []
@@ -95,16 +97,21 @@ def startup(reps: int, work: Path) -> tuple[float, float]:
 
 
 def mlflow_cost(work: Path, step_s: float) -> tuple[float, float]:
-    """Microseconds per training step that rank 0 spends handing one member's per-step gradient
-    norms ([784,30,10]: 4 values a step) to MLflow and writing them (one epoch, sqlite store)."""
+    """Microseconds per training step that rank 0 spends handing one member's per-step records
+    ([784,30,10]: 4 gradient norms and the batch loss) to its sink, as the loop does every 10 steps,
+    with their interval summaries (50 points an epoch-long run), and writing them: one epoch's step
+    table part and MLflow metrics, sqlite store."""
     uri = f"sqlite:///{work / 'cost.db'}"
     cfg = build_config({"model": {"sizes": SMALL}, "ray": {"num_workers": 1}, "mlflow": {"experiment": "cost"}})
     sink = tracking.MlflowSink(uri, tracking.create_runs(uri, cfg))
-    names = metrics.grad_norm_names(2)
-    row, active = np.ones((1, 4)), np.ones(1, dtype=bool)
+    names = metrics.step_names(2)
+    rows, active = np.ones((10, 1)), np.ones((10, 1), dtype=bool)
+    every = metrics.interval(468, 50)
     start = time.perf_counter()
-    for step in range(468):
-        sink.log(step, {n: row[:, j] for j, n in enumerate(names)}, active)
+    for first in range(0, 468, 10):
+        sink.log_steps(list(range(first, first + 10)), {n: rows for n in names}, active)
+        if first % every == 0:
+            sink.log(first, {n: rows[0] for n in names} | {metrics.max_name(n): rows[0] for n in names}, active[0])
     sink.flush()
     per_step = (time.perf_counter() - start) / 468
     return per_step * 1e6, per_step / step_s
@@ -159,7 +166,7 @@ def main() -> None:
             row(f"[784,30,10], population P={P}, 1 worker of 2 CPUs: member-epochs/s vs solo", rate, solo,
                 "member-epochs/s", better="higher")
         cost_us, share = mlflow_cost(work, on / 468)
-        rows.append(("MLflow logging, 1 member's per-step norms (4 values), handed over and written",
+        rows.append(("Step table + MLflow, 1 member's per-step records (5 values), handed over and written",
                      f"{cost_us:.0f}", "", "us/step", f"{share * 100:.1f}% of a step"))
         rows.append(("start-up, command to first step: distnet train vs peer script", f"{ours_start:.1f}",
                      f"{peer_start:.1f}", "s", f"{peer_start / ours_start:.2f}x"))
@@ -173,6 +180,7 @@ def main() -> None:
         for name, what in (("one lane", "1 lane of 2 CPUs"), ("two lanes", "2 lanes of 1 CPU")):
             row(f"24-cell sweep: distnet sweep ({what}) vs one Tune trial per cell, 2 at once (cells/hour)",
                 24 * 3600 / statistics.median(sweeps[name]), 24 * 3600 / tune, "cells/hour", better="higher")
+        rows += bench_tracking.rows(work)
     print("\n| row | distnet | peer / baseline | unit | ratio |\n| --- | --- | --- | --- | --- |")
     for r in rows:
         print("| " + " | ".join(r) + " |")

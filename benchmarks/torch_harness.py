@@ -36,6 +36,9 @@ class EpochClock:
             self.epoch_s.append(float(values["perf/epoch_s"][0]))
             self.last = values
 
+    def log_steps(self, steps, columns, active):
+        pass
+
     def progress(self, state):
         pass
 

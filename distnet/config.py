@@ -82,10 +82,14 @@ class TrainConfig:
     # Nielsen's lambda: the cost gains (lambda / 2n) * sum(w^2), n = training-set size; biases exempt.
     l2: float = field(default=0.0, metadata=_at_least(0))
     max_steps: Optional[int] = field(default=None, metadata=_at_least(1))
+    # Steps between host syncs of the per-step records (a cost knob, not what is logged).
     log_every: int = field(default=10, metadata=_at_least(1))
+    # Points per per-step series in MLflow (each point the mean, and max, over an interval of steps):
+    # the step tables keep every step; MLflow gets what its UI draws fast (docs/benchmarks.md).
+    metric_points: int = field(default=50, metadata=_at_least(1))
     probe_size: int = field(default=1000, metadata=_at_least(1))
-    # Per-layer gradient norms every step (the project's point); off for runs of very many steps
-    # that need only epoch metrics, and to measure what the norms cost.
+    # Per-layer gradient norms every step (the project's point: step tables and MLflow summaries);
+    # off for runs that need only epoch metrics, and to measure what the norms cost.
     step_norms: bool = True
     # GPU only: capture the whole step (gather, forward, backprop, all-reduce, norms, update) as one
     # CUDA graph and replay it, so a small net's step costs one launch instead of one per operator.

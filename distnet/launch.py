@@ -103,11 +103,12 @@ def _train_loop(loop_config: dict) -> None:
         sink = None
         if rank == 0:
             sink = tracking.MlflowSink(uri, job.run_ids, on_progress=board and (lambda s: board.update.remote(s)))
-            tracking.tag_runs(uri, job.run_ids, {"distnet.ray_node": ray.get_runtime_context().get_node_id()})
+            tracking.tag_runs(uri, job.run_ids, {"distnet.ray_node": ray.get_runtime_context().get_node_id(),
+                                                 "distnet.lane": str(lane)})
             if resume is not None or job.resumed:
                 # What the dead group had not yet written; and nothing MLflow holds is written again,
                 # even where Ray had not registered the dead group's last checkpoint.
-                sink.restore(resume["unflushed"] if resume is not None else [[] for _ in job.run_ids])
+                sink.restore(resume["unflushed"] if resume is not None else None)
                 tracking.count_restart(uri, job.run_ids)
                 step = resume["step"] if resume is not None else 0
                 tracking.tag_runs(uri, job.run_ids, {"distnet.resumed_from_step": str(step)})

@@ -5,6 +5,8 @@ Layers are numbered from 1 (input -> first hidden) to L (last hidden -> output).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -13,9 +15,86 @@ from distnet.model import PopulationMLP
 EVAL_CHUNK = 2000  # bounds the [P, chunk, width] activations of a large population
 
 
+BATCH_LOSS = "train/batch_loss"  # the global batch's loss at one step (train/loss: the epoch's mean)
+
+
 def grad_norm_names(n_layers: int) -> list[str]:
     """Names of the columns of PopulationMLP.segment_norms, in order."""
     return [f"grad_norm/{kind}/layer_{l}" for l in range(1, n_layers + 1) for kind in ("w", "b")]
+
+
+def step_names(n_layers: int) -> list[str]:
+    """The per-step series: every layer's gradient norms, then the batch loss. Their step tables
+    hold every step; MLflow holds each one's interval mean under this name and its max under
+    max_name(name)."""
+    return grad_norm_names(n_layers) + [BATCH_LOSS]
+
+
+def max_name(name: str) -> str:
+    """`grad_norm/w/layer_1` -> `grad_norm_max/w/layer_1`: a section of its own in the MLflow UI."""
+    head, _, rest = name.partition("/")
+    return f"{head}_max/{rest}"
+
+
+def interval(total_steps: int, points: int) -> int:
+    """Steps per MLflow point of a per-step series: at most `points` points whatever the length."""
+    return max(1, math.ceil(total_steps / points))
+
+
+class IntervalStats:
+    """Mean and max of per-step records [P, C] over fixed intervals of `every` steps (steps
+    [j*every, (j+1)*every)), reduced on the records' device. The mean shows the trend, the max keeps a
+    one-step spike visible. A member's interval covers only its active steps (a diverged member's
+    rows end at its divergence), so each summary is exactly that of the member's step-table rows."""
+
+    def __init__(self, every: int, like: torch.Tensor):
+        self.every = every
+        self.sum = torch.zeros_like(like, dtype=torch.float64)
+        self.max = torch.full_like(like, -math.inf)
+        self.count = torch.zeros(like.shape[0], 1, dtype=torch.float64, device=like.device)
+        self.start, self.n = 0, 0
+
+    def add(self, first_step: int, rows: torch.Tensor, active: torch.Tensor) -> list[tuple]:
+        """Take rows [n, P, C] of steps first_step, first_step + 1, ... and which members they count
+        for, active [n, P]; return the intervals they complete as (first step, mean [P, C], max [P, C])."""
+        done, i = [], 0
+        while i < len(rows):
+            step = first_step + i
+            if self.n == 0:
+                self.start = step
+            take = min(len(rows) - i, self.every - step % self.every)
+            keep = active[i:i + take].unsqueeze(2)
+            chunk = rows[i:i + take]
+            self.sum.add_(chunk.where(keep, 0).sum(0, dtype=torch.float64))
+            # NaN propagates through maximum: a non-finite step shows in its interval.
+            torch.maximum(self.max, chunk.where(keep, -math.inf).amax(0), out=self.max)
+            self.count.add_(keep.sum(0))
+            self.n += take
+            i += take
+            if (step + take) % self.every == 0:
+                done.append(self._take())
+        return done
+
+    def close(self) -> list[tuple]:
+        """The last, partial interval of a training that ends inside one."""
+        return [self._take()] if self.n else []
+
+    def _take(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        out = (self.start, (self.sum / self.count).to(self.max.dtype), self.max.clone())
+        self.sum.zero_()
+        self.max.fill_(-math.inf)
+        self.count.zero_()
+        self.n = 0
+        return out
+
+    def state(self) -> dict:
+        return {"sum": self.sum.cpu(), "max": self.max.cpu(), "count": self.count.cpu(), "start": self.start,
+                "n": self.n}
+
+    def load(self, state: dict) -> None:
+        for name in ("sum", "max", "count"):
+            getattr(self, name).copy_(state[name])
+        self.start, self.n = state["start"], state["n"]
 
 
 def evaluate(model: PopulationMLP, x: torch.Tensor, y: torch.Tensor, prefix: str) -> dict[str, np.ndarray]:

@@ -11,7 +11,9 @@ min..max over seeds):
 - saturation_<activation>_<init>.png: fraction of saturated units per hidden layer vs epoch, one
   panel per depth, one line per hidden layer;
 - activation_<activation>_<init>.png: each hidden layer's activation mean vs epoch, the band its
-  units' standard deviation (Glorot and Bengio's figure 2).
+  units' standard deviation (Glorot and Bengio's figure 2);
+- grad_norm_<activation>_<init>.png: every layer's weight-gradient norm at every step, from the
+  runs' step tables (steptable), one panel per depth, one line per layer.
 
 Extraction (MLflow -> arrays) and drawing are separate functions so the numbers behind every
 figure can be tested on their own.
@@ -32,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from distnet import tracking  # noqa: E402
+from distnet import steptable, tracking  # noqa: E402
 
 
 class ReportError(ValueError):
@@ -51,6 +53,7 @@ class Run:
     status: str
     acc: float  # final test (or validation) accuracy; nan if never evaluated
     series: dict[str, dict[int, float]] = field(default_factory=dict)  # metric -> {epoch: value}
+    steps: dict[str, np.ndarray] = field(default_factory=dict)  # its step table's weight-norm columns
     variant: str = ""  # the other settings that vary between the runs, e.g. "train.batch_size=10"
 
     @property
@@ -119,6 +122,8 @@ def read_runs(uri: str, mlflow_runs: list) -> list[Run]:
                         f"act/std/layer_{layer}"):
                 run.series[key] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, key)}
         run.series[acc_key] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, acc_key)}
+        table = steptable.read(client, r.info.run_id)
+        run.steps = {k: v for k, v in table.items() if k == "step" or k.startswith("grad_norm/w/")}
         out.append(run)
     if not out:
         raise ReportError("no runs to report on")
@@ -147,6 +152,22 @@ def layer_curves(runs: list[Run], metric: str) -> dict[tuple[str, str], dict[int
     return {g: {depth: {l: band([r.series[f"{metric}/layer_{l}"] for r in cell]) for l in range(1, depth + 1)}
                 for depth, cell in depths.items() if depth > 0}
             for g, depths in by_group(runs).items()}
+
+
+def step_curves(runs: list[Run]) -> dict[tuple[str, str], dict[int, dict[int, Band]]]:
+    """(activation, init) -> depth -> layer (1 .. depth + 1) -> Band over seeds of the weight-gradient
+    norm at every step, from the step tables (runs without one are left out)."""
+    out = {}
+    for g, depths in by_group(runs).items():
+        curves = {}
+        for depth, cell in depths.items():
+            cell = [r for r in cell if r.steps]
+            if cell:
+                curves[depth] = {l: band([dict(zip(r.steps["step"].tolist(), r.steps[f"grad_norm/w/layer_{l}"].tolist()))
+                                          for r in cell]) for l in range(1, depth + 2)}
+        if curves:
+            out[g] = curves
+    return out
 
 
 def init_profile(runs: list[Run]) -> dict[tuple[str, str], dict[int, Band]]:
@@ -240,14 +261,15 @@ def within_layer(mean: dict[int, dict[int, Band]], std: dict[int, dict[int, Band
                 for l, b in layers.items()} for d, layers in mean.items()}
 
 
-def layer_figure(curves: dict[int, dict[int, Band]], title: str, ylabel: str, log: bool, band: bool | None = None):
-    """One panel per depth, one line per hidden layer, x = epoch."""
+def layer_figure(curves: dict[int, dict[int, Band]], title: str, ylabel: str, log: bool, band: bool | None = None,
+                 x: str = "epoch", line: str = "hidden layer"):
+    """One panel per depth, one line per layer, x = epoch (or step)."""
     fig, axes = _panels(len(curves))
     for ax, (depth, layers) in zip(axes, curves.items()):
         for layer, b in layers.items():
-            _draw(ax, b, f"hidden layer {layer}", log, band)
+            _draw(ax, b, f"{line} {layer}", log, band)
         n = next(iter(layers.values())).n
-        ax.set(title=f"{depth} hidden layer{'s' * (depth > 1)} ({n} seed{'s' * (n > 1)})", xlabel="epoch",
+        ax.set(title=f"{depth} hidden layer{'s' * (depth > 1)} ({n} seed{'s' * (n > 1)})", xlabel=x,
                ylabel=ylabel)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
@@ -318,6 +340,10 @@ def write_report(runs: list[Run], out: Path, title: str) -> dict[str, dict]:
         figures[f"activation_{name}"] = layer_figure(
             within_layer(act_mean[g], act_std[g]), f"Activations, mean +- std over units: {act}, {init}",
             "activation (probe images)", log=False, band=True)
+    for (act, init), curves in step_curves(runs).items():
+        figures[f"grad_norm_{_slug(act)}_{_slug(init)}.png"] = layer_figure(
+            curves, f"Weight-gradient norm at every step: {act}, {init}", "|grad W| (global batch)", log=True,
+            x="step", line="layer")
     profiles = {g: p for g, p in init_profile(runs).items() if p}
     if profiles:
         figures["init_profile.png"] = profile_figure(profiles)

@@ -13,13 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import sqlalchemy.exc
 from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
-from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking import MlflowClient
 
+from distnet import steptable
 from distnet.config import Config, config_hash, dump_yaml, flatten
 
 DEFAULT_URI = "sqlite:///mlruns.db"
@@ -161,72 +158,50 @@ Row = tuple[str, float, int, int]  # a metric value: key, value, timestamp (ms),
 
 
 def write_metrics(client: MlflowClient, run_id: str, metrics: list[Row]) -> None:
-    """Append metric values to a run, as one transaction per call.
-
-    A SQL store (sqlite, the local default) takes them as one multi-row INSERT into MLflow's own
-    `metrics` table, and the run's `latest_metrics` rows are moved on as log_batch moves them (the
-    newest by step, timestamp, value): about 5x less time a value than log_batch's ORM unit of work
-    (benchmarks/mlflow_write.py), which made the metric writes of a short sweep as long as its
-    training. The store's own schema and value rules (NaN stored as 0 with is_nan, infinities as
-    the largest float) are used, and tests/test_tracking.py checks the result against log_batch's.
-    Any other store (an MLflow server) gets log_batch, 1000 values a call."""
-    store = client._tracking_client.store
-    if not metrics:
-        return
-    if not isinstance(store, SqlAlchemyStore):
-        return _log_batches(client, run_id, metrics)
-    rows: dict[tuple, dict] = {}  # by MLflow's identity of a value: a repeat is written once
-    newest: dict[str, dict] = {}
-    for key, raw, timestamp, step in metrics:
-        is_nan, value = store.sanitize_metric_value(float(raw))
-        row = {"run_uuid": run_id, "key": key, "value": value, "timestamp": timestamp, "step": step,
-               "is_nan": is_nan}
-        rows[key, timestamp, step, value, is_nan] = row
-        if key not in newest or _order(row) > _order(newest[key]):
-            newest[key] = row
-
-    def transaction():
-        with store.ManagedSessionMaker(read_only=False) as session:  # commits on leaving, rolls back on an error
-            store._check_run_is_active(store._get_run(run_uuid=run_id, session=session))
-            session.execute(SqlMetric.__table__.insert(), list(rows.values()))
-            held = {m.key: m for m in session.query(SqlLatestMetric).filter(
-                SqlLatestMetric.run_uuid == run_id, SqlLatestMetric.key.in_(list(newest)))}
-            for key, row in newest.items():
-                if key not in held:
-                    session.add(SqlLatestMetric(**row))
-                elif _order(row) > (held[key].step, held[key].timestamp, held[key].value):
-                    for field in ("value", "timestamp", "step", "is_nan"):
-                        setattr(held[key], field, row[field])
-
-    try:
-        retry_locked(transaction)
-    except MlflowException as e:  # the store wraps the database's errors
-        if not isinstance(e.__cause__, sqlalchemy.exc.IntegrityError):
-            raise
-        _log_batches(client, run_id, metrics)  # a value the run already holds: log_batch skips those
-
-
-def _log_batches(client: MlflowClient, run_id: str, metrics: list[Row]) -> None:
+    """Append metric values to a run with MLflow's log_batch, 1000 values a call (its limit). Each
+    call is one transaction; values are in step order, so a crash between calls leaves every key
+    holding all its steps up to some step (what MlflowSink.restore relies on)."""
     for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
         batch = [Metric(*row) for row in metrics[i:i + MAX_METRICS_PER_BATCH]]
         retry_locked(client.log_batch, run_id, metrics=batch)
 
 
-def _order(row: dict) -> tuple:
-    """MLflow's rule for a run's latest value of a key: the greatest (step, timestamp, value)."""
-    return row["step"], row["timestamp"], row["value"]
+class StepRows:
+    """One member's full-resolution rows since the last flush: steps and a [n, C] float32 block."""
+
+    def __init__(self):
+        self.steps: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+
+    def add(self, steps: np.ndarray, values: np.ndarray) -> None:
+        if len(steps):
+            self.steps.append(steps)
+            self.values.append(values)
+
+    def block(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(steps [n], values [n, C]) of everything added since the last clear(), or None."""
+        if not self.steps:
+            return None
+        if len(self.steps) > 1:  # compact once: the next call is free
+            self.steps, self.values = [np.concatenate(self.steps)], [np.concatenate(self.values)]
+        return self.steps[0], self.values[0]
+
+    def clear(self) -> None:
+        self.steps, self.values = [], []
 
 
 class MlflowSink:
-    """Rank 0's metric sink: buffers per-member metrics and writes them (write_metrics) on flush,
-    which the loop calls at each checkpoint."""
+    """Rank 0's sink: buffers per-member MLflow metrics and step-table rows and writes them on
+    flush, which the loop calls at each checkpoint (after the checkpoint is committed)."""
 
     def __init__(self, uri: str, run_ids: list[str], on_progress: Callable[[dict], None] | None = None):
         self.client = MlflowClient(uri)
         self.run_ids = run_ids
         # Plain (key, value, timestamp, step) tuples: an MLflow Metric object per value cost ~12 us
-        # a value on the hot path (~50 us a step for one member's four norms).
+        # a value on the hot path.
         self.buffers: list[list[Row]] = [[] for _ in run_ids]
+        self.columns: list[str] = []  # the step tables' series, fixed by the first log_steps
+        self.rows = [StepRows() for _ in run_ids]
         self.written_upto: list[dict[str, int]] = [{} for _ in run_ids]  # filled by restore()
         self.on_progress = on_progress
 
@@ -238,28 +213,45 @@ class MlflowSink:
             for k in members:
                 self._append(k, (name, v[k], ts, step))
 
+    def log_steps(self, steps: list[int], columns: dict[str, np.ndarray], active: np.ndarray) -> None:
+        self.columns = list(columns)
+        block = np.stack([np.asarray(v, dtype=np.float32) for v in columns.values()], 2)  # [n, P, C]
+        steps = np.asarray(steps, dtype=np.int64)
+        for k in range(len(self.run_ids)):
+            keep = active[:, k]
+            self.rows[k].add(steps[keep], block[keep, k])
+
     def progress(self, state: dict) -> None:
         if self.on_progress is not None:
             self.on_progress(state)
 
-    def unflushed(self) -> list[list[Row]]:
-        """What log() holds that flush() has not written: goes into the checkpoint."""
-        return [list(buf) for buf in self.buffers]
+    def unflushed(self) -> dict:
+        """What log() and log_steps() hold that flush() has not written: goes into the checkpoint."""
+        return {"metrics": [list(buf) for buf in self.buffers], "columns": list(self.columns),
+                "rows": [r.block() for r in self.rows]}
 
-    def restore(self, unflushed: list[list[Row]]) -> None:
-        """After a restart, from a checkpoint: write its unflushed metrics, and from now on skip
-        every (key, step) MLflow already holds. Each key's steps are written in order, one atomic
-        transaction at a time, so what MLflow holds of a key is all steps up to its last one. The
-        dead group may have got past the checkpoint we resume from (Ray registers a reported
-        checkpoint asynchronously) or died inside a flush; the replayed steps are the same
-        numbers, computed again, and are not written twice."""
+    def restore(self, unflushed: dict | None) -> None:
+        """After a restart, from a checkpoint: write its unflushed metrics and rows, and from now on
+        skip every (key, step) MLflow already holds. Each key's steps are written in order, one
+        atomic log_batch at a time, so what MLflow holds of a key is all steps up to its last one.
+        The dead group may have got past the checkpoint we resume from (Ray registers a reported
+        checkpoint asynchronously) or died inside a flush; the replayed steps are the same numbers,
+        computed again: metrics are not written twice, and a step-table part written again replaces
+        itself (steptable)."""
         for k, run_id in enumerate(self.run_ids):
             keys = self.client.get_run(run_id).data.metrics.keys()
             self.written_upto[k] = {key: max(m.step for m in self.client.get_metric_history(run_id, key))
                                     for key in keys}
             self.buffers[k] = []
-            for row in unflushed[k]:
+            self.rows[k] = StepRows()
+            if unflushed is None:
+                continue
+            for row in unflushed["metrics"][k]:
                 self._append(k, tuple(row))
+            if unflushed["rows"][k] is not None:
+                self.rows[k].add(*unflushed["rows"][k])
+        if unflushed is not None:
+            self.columns = unflushed["columns"]
         self.flush()
 
     def _append(self, k: int, row: Row) -> None:
@@ -267,7 +259,12 @@ class MlflowSink:
             self.buffers[k].append(row)
 
     def flush(self) -> None:
-        for run_id, buf in zip(self.run_ids, self.buffers):
+        for run_id, buf, rows in zip(self.run_ids, self.buffers, self.rows):
+            block = rows.block()
+            if block is not None:
+                steps, values = block
+                retry_locked(steptable.write_part, self.client, run_id, steps, dict(zip(self.columns, values.T)))
+                rows.clear()
             write_metrics(self.client, run_id, buf)
             buf.clear()
 
@@ -320,21 +317,21 @@ def finish_parent(uri: str, run_id: str, summary_csv: str) -> None:
 
 def cell_summary(uri: str, run, n_layers: int, eval_prefix: str) -> dict:
     """What a sweep's summary shows of one cell's run: status, final accuracy, and the layer-1 /
-    last-layer weight-gradient-norm ratio at the first and the last logged step."""
-    client = MlflowClient(uri)
-    first = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "grad_norm/w/layer_1")}
-    last = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"grad_norm/w/layer_{n_layers}")}
-    steps = sorted(set(first) & set(last))
+    last-layer weight-gradient-norm ratio at the first and the last step of its step table."""
+    table = steptable.read(MlflowClient(uri), run.info.run_id)
+    first, last = table.get("grad_norm/w/layer_1"), table.get(f"grad_norm/w/layer_{n_layers}")
 
-    def ratio(step):
-        return first[step] / last[step] if last[step] else float("nan")
+    def ratio(i):
+        if first is None or last is None or not len(first) or not last[i]:
+            return float("nan")
+        return float(first[i] / last[i])
 
     status = run.data.tags.get("distnet.status") or run.info.status.lower()
     return {
         "status": status + (f"@{run.data.tags['distnet.diverged_step']}" if status == "diverged" else ""),
         "acc": run.data.metrics.get(f"{eval_prefix}/acc", float("nan")),
-        "ratio_init": ratio(steps[0]) if steps else float("nan"),
-        "ratio_end": ratio(steps[-1]) if steps else float("nan"),
+        "ratio_init": ratio(0),
+        "ratio_end": ratio(-1),
         "run_id": run.info.run_id,
         "error": run.data.tags.get("distnet.error", ""),
     }

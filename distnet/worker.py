@@ -26,16 +26,20 @@ from distnet.model import PopulationMLP, PopulationSGD, init_theta
 
 
 class Sink(Protocol):
-    """Where rank 0's metrics go (MLflow in a real run). Values are per member: arrays of [P]."""
+    """Where rank 0's metrics go (MLflow and the step tables in a real run). Values are per member."""
 
     def log(self, step: int, values: dict[str, np.ndarray], active: np.ndarray) -> None:
-        """Record values[name][k] for every member k with active[k]."""
+        """Record the metric values[name][k] ([P] arrays) for every member k with active[k]."""
+
+    def log_steps(self, steps: list[int], columns: dict[str, np.ndarray], active: np.ndarray) -> None:
+        """Record full-resolution rows: columns[name][i, k] ([n, P] arrays) is member k's value at
+        steps[i], kept where active[i, k]."""
 
     def progress(self, state: dict) -> None:
         """Where the training is (step, epoch, loss, accuracy), for the driver's progress line."""
 
     def flush(self) -> None:
-        """Write what log() buffered; called once per epoch."""
+        """Write what log() and log_steps() buffered; called at each checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -122,20 +126,26 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     members = cfg.members
     model = PopulationMLP(cfg.sizes, cfg.model.activation, cfg.model.loss, init_theta(cfg.sizes, members).to(env.device))
     opt = PopulationSGD(model, [m.lr for m in members], tc.momentum, tc.l2, n_train)
-    names = metrics.grad_norm_names(len(model.layers)) if tc.step_norms else []
+    names = metrics.step_names(len(model.layers)) if tc.step_norms else []
     steps_per_epoch = n_train // tc.batch_size
     total_steps = min(tc.epochs * steps_per_epoch, tc.max_steps or tc.epochs * steps_per_epoch)
 
-    # Per-step records stay on the device: [log_every, P, 2L norms + 1 local loss], copied to the
-    # host once per log interval so the hot path never waits on a host sync.
+    # Per-step records stay on the device: [log_every, P, 2L norms] and [log_every, P] local batch
+    # losses, brought to the host once per log interval so the hot path never waits on a host sync.
     P, S = model.population, model.n_segments
-    buf = torch.empty(tc.log_every, P, S + 1, device=env.device)
-    pending: list[int] = []  # global steps whose rows in buf are not yet on the host
+    norm_buf = torch.empty(tc.log_every, P, S, device=env.device)
+    loss_buf = torch.empty(tc.log_every, P, device=env.device)
+    pending: list[int] = []  # global steps whose rows in the buffers are not yet on the host
+    # Rank 0 reduces the per-step series to interval means and maxima for MLflow, on the device.
+    summary = metrics.IntervalStats(metrics.interval(total_steps, tc.metric_points),
+                                    torch.empty(P, S + 1, device=env.device)) if sink and names else None
     grad_mean = collective.gradient_mean(model.grad, cfg.ray.all_reduce)
     # A member diverges at the first step whose all-reduced gradient has a non-finite norm (the same
     # on every rank); it is frozen there and the others go on.
     alive = torch.ones(P, dtype=torch.bool, device=env.device)
     diverged_at = torch.full((P,), -1, dtype=torch.long, device=env.device)
+    # The epoch's sum of global batch losses: the same on every rank (so any rank's checkpoint of it
+    # is right for all).
     loss_sum = torch.zeros(P, device=env.device)
     step, epoch, final = 0, 1, {}
 
@@ -145,8 +155,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     idx = torch.zeros(local_batch, dtype=torch.long, device=env.device)
     xb_u8, yb = x.new_empty(local_batch, x.shape[1]), y.new_empty(local_batch)
     xb = eval_x.new_empty(local_batch, x.shape[1])
-    record = torch.zeros(P, S + 1, device=env.device)  # this step's norms and loss, one row of buf
-    norms, loss = record[:, :S], record[:, S]
+    norms, loss = torch.zeros(P, S, device=env.device), torch.zeros(P, device=env.device)  # this step's
     newly_diverged = torch.zeros(P, dtype=torch.bool, device=env.device)
 
     def train_step() -> None:
@@ -161,20 +170,40 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
             finite = torch.isfinite(grad).all(1)
         torch.logical_and(alive, ~finite, out=newly_diverged)
         alive.logical_and_(finite)
-        loss_sum.add_(loss)
         opt.step(grad, alive)
 
-    state = [model.theta, alive, loss_sum] + ([opt.velocity] if opt.velocity is not None else [])
+    state = [model.theta, alive] + ([opt.velocity] if opt.velocity is not None else [])
     run_step = capture(train_step, state) if tc.cuda_graph else train_step
 
     def flush_steps():
-        if sink is not None and pending:
-            rows, div = buf[: len(pending)].cpu().numpy(), diverged_at.cpu().numpy()
-            for s, row in zip(pending, rows if names else ()):
-                active = (div < 0) | (s <= div)  # a diverged member's series ends at its divergence
-                sink.log(s, {name: row[:, j] for j, name in enumerate(names)}, active)
-            sink.progress({"step": pending[-1] + 1, "total_steps": total_steps, "loss": float(np.nanmean(rows[-1, :, S]))})
+        """Every rank: the pending steps' batch losses averaged over the ranks (one all-reduce per
+        log interval, not per step) into the epoch's sum. Rank 0: every step's row to the step
+        tables, the intervals they complete to MLflow."""
+        if not pending:
+            return
+        n = len(pending)
+        losses = collective.torch_mean(loss_buf[:n])  # [n, P]: each step's global batch loss
+        loss_sum.add_(losses.sum(0))
+        if sink is not None:
+            div = diverged_at.cpu().numpy()
+            if names:
+                rows = torch.cat([norm_buf[:n], losses.unsqueeze(2)], 2)  # [n, P, S + 1]
+                steps = torch.arange(pending[0], pending[0] + n, device=env.device).unsqueeze(1)
+                active = (diverged_at < 0) | (steps <= diverged_at)  # a diverged member's rows end at its divergence
+                done = summary.add(pending[0], rows, active)
+                host = rows.cpu().numpy()
+                sink.log_steps(pending, {name: host[:, :, j] for j, name in enumerate(names)}, active.cpu().numpy())
+                log_intervals(done, div)
+            sink.progress({"step": pending[-1] + 1, "total_steps": total_steps,
+                           "loss": float(np.nanmean(losses[-1].cpu().numpy()))})
         pending.clear()
+
+    def log_intervals(done: list, div: np.ndarray) -> None:
+        for start, mean, peak in done:
+            mean, peak = mean.cpu().numpy(), peak.cpu().numpy()
+            values = {name: mean[:, j] for j, name in enumerate(names)}
+            values.update({metrics.max_name(name): peak[:, j] for j, name in enumerate(names)})
+            sink.log(start, values, (div < 0) | (start <= div))
 
     def epoch_metrics(e: int, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = {**extra, **metrics.probe(model, probe_x, probe_y),
@@ -187,9 +216,12 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
 
     def checkpoint(done: bool = False) -> None:
         flush_steps()
+        if done and summary is not None:
+            log_intervals(summary.close(), diverged_at.cpu().numpy())
         commit({"theta": model.theta.cpu(), "velocity": opt.velocity, "alive": alive.cpu(),
                 "diverged_at": diverged_at.cpu(), "loss_sum": loss_sum.cpu(), "step": step, "epoch": epoch,
-                "final": final, "rng": torch.get_rng_state()}, done)
+                "final": final, "rng": torch.get_rng_state(),
+                "interval": summary.state() if summary is not None else None}, done)
         if sink is not None:
             sink.flush()
 
@@ -204,6 +236,8 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
         loss_sum.copy_(resume["loss_sum"])
         step, epoch, final = resume["step"], resume["epoch"], resume["final"]
         torch.set_rng_state(resume["rng"])
+        if summary is not None:
+            summary.load(resume["interval"])
 
     while epoch <= tc.epochs and step < total_steps and alive.any():  # one host sync per epoch
         epoch_start = time.perf_counter()
@@ -217,7 +251,8 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
             idx.copy_(batches[step - (epoch - 1) * steps_per_epoch])
             run_step()
             diverged_at.masked_fill_(newly_diverged, step)
-            buf[len(pending)].copy_(record)
+            norm_buf[len(pending)].copy_(norms)
+            loss_buf[len(pending)].copy_(loss)
             pending.append(step)
             step += 1
             if len(pending) == tc.log_every:
@@ -226,7 +261,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
                 checkpoint()
         flush_steps()
         epoch_steps = epoch_end - (epoch - 1) * steps_per_epoch
-        train_loss = collective.torch_mean(loss_sum) / epoch_steps
+        train_loss = loss_sum / epoch_steps
         diverged_at.masked_fill_(alive & ~torch.isfinite(train_loss), step - 1)
         alive.logical_and_(torch.isfinite(train_loss))
         if sink is not None:

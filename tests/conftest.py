@@ -28,13 +28,19 @@ def tracking_uri(tmp_path) -> str:
 
 
 class RecordingSink:
-    """Collects what the worker loop logs, for in-process tests of the loop itself."""
+    """Collects what the worker loop logs, for in-process tests of the loop itself: MLflow values
+    (NaN where a member is inactive) and step-table rows (likewise)."""
 
     def __init__(self):
         self.logged: list[tuple[int, dict[str, np.ndarray]]] = []
+        self.steps: list[tuple[int, dict[str, np.ndarray]]] = []
 
     def log(self, step, values, active):
         self.logged.append((step, {k: np.where(active, v, np.nan) for k, v in values.items()}))
+
+    def log_steps(self, steps, columns, active):
+        for i, s in enumerate(steps):
+            self.steps.append((s, {k: np.where(active[i], v[i], np.nan) for k, v in columns.items()}))
 
     def progress(self, state):
         pass

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from distnet import steptable
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -28,7 +30,8 @@ def test_cluster_file_passes_rays_validator(name):
     raw = yaml.safe_load((ROOT / "cluster" / name).read_text())
     validate_config(prepare_config(raw))  # what `ray up` runs before it touches a cloud
     assert raw["file_mounts"] == {"~/distnet": "."}
-    assert any(c.startswith("nohup mlflow server") for c in raw["head_start_ray_commands"])
+    assert "bash ~/distnet/cluster/mlflow_server.sh start ~/mlflow" in raw["head_start_ray_commands"]
+    assert any("install" in c and "postgresql" in c for c in raw["head_setup_commands"])
     assert any("pip install" in c and "~/distnet" in c for c in raw["setup_commands"])
 
 
@@ -113,6 +116,7 @@ grid: {model.depth: [1, 2], seed: [0, 1, 2]}
     assert len({r.data.tags["distnet.ray_node"] for r in cells}) == 2  # trainings ran on both nodes
     for r in cells:
         assert len(client.get_metric_history(r.info.run_id, "grad_norm/w/layer_1")) == 30
+        assert steptable.read(client, r.info.run_id)["step"].tolist() == list(range(30))
         assert "config.yaml" in {a.path for a in client.list_artifacts(r.info.run_id)}
     parent = client.search_runs([exp.experiment_id], "tags.`distnet.kind` = 'sweep'")[0]
     assert "summary.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}

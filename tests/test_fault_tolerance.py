@@ -10,10 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
-from distnet import launch, metrics, sweep
+from distnet import launch, metrics, steptable, sweep
 from distnet.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,12 +28,35 @@ def config(tmp_path, **fault):
         "ray": {"num_workers": 2, "storage_path": str(tmp_path / "runs")}, "fault": fault})
 
 
-def assert_each_step_once(uri, run_id, steps, epochs):
+def assert_each_step_once(uri, run_id, steps, epochs, points=50) -> dict:
+    """Every step once in the run's step table (returned), every interval and epoch once in MLflow."""
     client = MlflowClient(uri)
-    for name in metrics.grad_norm_names(3):
-        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == list(range(steps))
-    for name in ["test/acc", "speed/layer_2", "act/std/layer_1"]:
-        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == list(range(epochs + 1))
+    table = steptable.read(client, run_id)
+    np.testing.assert_array_equal(table["step"], np.arange(steps))
+    every = metrics.interval(steps, points)
+    for name in metrics.step_names(3):
+        for key in (name, metrics.max_name(name)):
+            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(0, steps, every))
+    for name in ["test/acc", "speed/layer_2", "act/std/layer_1", "train/loss"]:
+        expected = list(range(epochs + 1)) if name != "train/loss" else list(range(1, epochs + 1))
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == expected
+    return table
+
+
+def assert_same_record(uri, run_a, run_b) -> None:
+    """Two runs logged the same values: every step-table column and every MLflow series."""
+    client = MlflowClient(uri)
+    a, b = steptable.read(client, run_a), steptable.read(client, run_b)
+    assert list(a) == list(b)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=0, err_msg=name)
+    keys = client.get_run(run_a).data.metrics.keys() - {"perf/epoch_s", "perf/max_rss_mb"}
+    assert keys == client.get_run(run_b).data.metrics.keys() - {"perf/epoch_s", "perf/max_rss_mb"}
+    for key in keys:
+        ha, hb = ([(m.step, m.value) for m in sorted(client.get_metric_history(r, key), key=lambda m: m.step)]
+                  for r in (run_a, run_b))
+        assert [s for s, _ in ha] == [s for s, _ in hb], key
+        np.testing.assert_allclose([v for _, v in ha], [v for _, v in hb], rtol=1e-6, atol=0, err_msg=key)
 
 
 def test_sigkilled_worker_resumes_exactly(ray_cluster, tracking_uri, tmp_path, monkeypatch):
@@ -47,6 +71,7 @@ def test_sigkilled_worker_resumes_exactly(ray_cluster, tracking_uri, tmp_path, m
     assert run.info.status == "FINISHED" and run.data.tags["distnet.restarts"] == "1"
     assert int(run.data.tags["distnet.resumed_from_step"]) in (5, 10)  # a checkpoint before the kill at 13
     assert_each_step_once(tracking_uri, crashed.run_ids[0], 40, 2)
+    assert_same_record(tracking_uri, crashed.run_ids[0], clean.run_ids[0])
 
 
 def wait_for(predicate, timeout):
@@ -128,5 +153,4 @@ grid: {model.depth: [1], seed: [0, 1, 2, 3]}
     assert {r["run_id"] for r in result.rows} >= done_before  # finished cells kept their runs
     assert all(r["status"] == "finished" for r in result.rows)
     for r in result.rows:
-        steps = [m.step for m in MlflowClient(uri).get_metric_history(r["run_id"], "grad_norm/w/layer_1")]
-        assert sorted(steps) == list(range(10))
+        np.testing.assert_array_equal(steptable.read(MlflowClient(uri), r["run_id"])["step"], np.arange(10))

@@ -11,7 +11,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from distnet import launch, metrics
+from distnet import launch, metrics, steptable
 from distnet.config import build_config
 from distnet.model import init_theta
 
@@ -57,10 +57,13 @@ def test_one_epoch_run_is_fully_recorded_in_mlflow(ray_cluster, tracking_uri, tm
         assert (t["depth"], t["width"], t["activation"], t["init"], t["seed"]) == \
             ("2", "30", "tanh", ["xavier_normal", "he_normal"][k], str(k + 1))
         assert len(t["config_hash"]) == 12
-        for name in metrics.grad_norm_names(3):  # every step 0..19 exactly once
-            hist = client.get_metric_history(run_id, name)
-            assert sorted(m.step for m in hist) == list(range(20))
-            assert all(np.isfinite(m.value) and m.value > 0 for m in hist)
+        table = steptable.read(client, run_id)  # every step 0..19 exactly once
+        np.testing.assert_array_equal(table["step"], np.arange(20))
+        for name in metrics.step_names(3):  # 20 steps, up to 50 points: MLflow's intervals are single steps
+            hist = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
+            assert [m.step for m in hist] == list(range(20))
+            np.testing.assert_allclose([m.value for m in hist], table[name], rtol=1e-6)
+            assert np.isfinite(table[name]).all() and (table[name] > 0).all()
         for name in ["test/acc", "test/loss", "speed/layer_1", "speed/layer_2", "act/saturated/layer_2"]:
             assert sorted(m.step for m in client.get_metric_history(run_id, name)) == [0, 1]
         assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1]

@@ -12,7 +12,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from distnet import launch, report, sweep
+from distnet import launch, report, steptable, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def test_report_on_a_tiny_finished_sweep(ray_cluster, tracking_uri, tmp_path, mo
     proc = subprocess.run([sys.executable, "-m", "distnet.cli", "report", "--tracking-uri", tracking_uri,
                            "--out", str(out), "tiny"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = {f"{kind}_sigmoid_{init}.png" for kind in ("speed", "saturation", "activation")
+    expected = {f"{kind}_sigmoid_{init}.png" for kind in ("speed", "saturation", "activation", "grad_norm")
                 for init in ("xavier_normal", "nielsen")} | {"init_profile.png", "accuracy.png", "report.md"}
     assert {p.name for p in out.iterdir()} == expected
     for png in out.glob("*.png"):
@@ -124,7 +124,17 @@ def test_report_on_a_tiny_finished_sweep(ray_cluster, tracking_uri, tmp_path, mo
     for init in ("xavier_normal", "nielsen"):
         for kind in ("speed", "saturation", "activation"):  # a panel per depth, a line per hidden layer
             assert manifest[f"{kind}_sigmoid_{init}.png"] == {"panels": 2, "lines": [1, 2], "cells": [0, 0]}
+        # every layer's weight-gradient norm at every step: a line per layer, output layer included
+        assert manifest[f"grad_norm_sigmoid_{init}.png"] == {"panels": 2, "lines": [2, 3], "cells": [0, 0]}
     assert manifest["init_profile.png"] == {"panels": 2, "lines": [2, 2], "cells": [0, 0]}  # a line per depth
+    # The per-step curves are the step tables' values, averaged over the seeds.
+    runs = report.read_runs(tracking_uri, report.find_runs(tracking_uri, ["tiny"])[0])
+    curve = report.step_curves(runs)[("sigmoid", "xavier_normal")][2][3]  # depth 2, output layer
+    cell = [r for r in runs if (r.init, r.depth) == ("xavier_normal", 2)]
+    tables = [steptable.read(MlflowClient(tracking_uri), r.run_id) for r in cell]
+    np.testing.assert_array_equal(curve.x, np.arange(20))
+    np.testing.assert_allclose(curve.mean, np.mean([t["grad_norm/w/layer_3"] for t in tables], 0), rtol=1e-6)
+    np.testing.assert_allclose(curve.hi, np.max([t["grad_norm/w/layer_3"] for t in tables], 0), rtol=1e-6)
     assert manifest["accuracy.png"]["cells"] == [4]  # 2 depths x 2 inits, one activation
     text = (out / "report.md").read_text()
     assert "8 runs in 4 cells" in text and "2 finished" in text

@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from distnet import launch, metrics, sweep
+from distnet import launch, metrics, steptable, sweep
 from distnet.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,10 @@ def test_grid_runs_once_and_resumes_without_logging_twice(ray_cluster, tracking_
         assert {"model.depth", "model.init", "seed", "depth", "init", "activation"} <= set(r.data.tags)
         assert r.data.params["model.depth"] == r.data.tags["model.depth"]
         depth = int(r.data.tags["depth"])
-        for name in metrics.grad_norm_names(depth + 1):  # every step of every concurrent cell landed
+        table = steptable.read(client, r.info.run_id)  # every step of every concurrent cell landed, once
+        np.testing.assert_array_equal(table["step"], np.arange(10))
+        assert list(table)[1:] == metrics.step_names(depth + 1)
+        for name in metrics.grad_norm_names(depth + 1):
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, name)) == list(range(10))
         for name in ["test/acc", "speed/layer_1", "act/saturated/layer_1"]:
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, name)) == [0, 1]
@@ -105,6 +109,7 @@ def test_divergence_and_failure_are_recorded_and_the_sweep_goes_on(ray_cluster, 
     assert diverged.info.status == "FINISHED" and step < 10
     history = client.get_metric_history(diverged.info.run_id, "grad_norm/w/layer_1")
     assert max(m.step for m in history) == step  # its series stops where it diverged
+    np.testing.assert_array_equal(steptable.read(client, diverged.info.run_id)["step"], np.arange(step + 1))
     healthy = client.get_metric_history(by_cell["lr=0.1,raise_at_step=None"]["run_id"], "grad_norm/w/layer_1")
     assert len(healthy) == 10  # the other member of the same population went on
     for r in result.failed:

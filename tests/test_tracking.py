@@ -1,61 +1,108 @@
-"""tracking.write_metrics: the SQL-store fast path writes exactly what MLflow's log_batch writes."""
+"""What reaches MLflow: every step in the run's step table (the loop's own float32 values), interval
+means and maxima of them as MLflow metrics, a diverged member's records ending where it diverged;
+and the MLflow version the tests cover."""
 
-import math
+import importlib.metadata
+import sys
 
+import numpy as np
 import pytest
-from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from packaging.requirements import Requirement
 
-from distnet import tracking
+from distnet import data, metrics, steptable, tracking, worker
+from distnet.config import build_config
 
-
-def _metrics(first_step: int, n: int) -> list[tracking.Row]:
-    """Per-step values of three keys with NaN and infinities among them, one key's steps logged out
-    of order, and one value repeated (MLflow keeps a repeat once)."""
-    out = []
-    for s in range(first_step, first_step + n):
-        out += [("grad_norm/w/layer_1", 0.5 + s, 1000 + s, s),
-                ("grad_norm/b/layer_1", [math.nan, math.inf, -math.inf, 2.0][s % 4], 1000 + s, s)]
-    out += [("train/loss", 3.0, 2000, first_step + 5), ("train/loss", 4.0, 2000, first_step + 1),
-            ("train/loss", 4.0, 2000, first_step + 1)]
-    return out
+from conftest import RecordingSink
 
 
-def _held(client: MlflowClient, run_id: str) -> tuple[dict, dict]:
-    keys = ("grad_norm/w/layer_1", "grad_norm/b/layer_1", "train/loss")
-    history = {k: sorted((m.step, m.timestamp, m.value if not math.isnan(m.value) else "nan")
-                         for m in client.get_metric_history(run_id, k)) for k in keys}
-    latest = {k: (v if not math.isnan(v) else "nan") for k, v in client.get_run(run_id).data.metrics.items()}
-    return history, latest
+class Tee:
+    """Hands everything the loop logs to both sinks."""
+
+    def __init__(self, *sinks):
+        self.sinks = sinks
+
+    def __getattr__(self, name):
+        return lambda *a: [getattr(s, name)(*a) for s in self.sinks][0]
 
 
-def test_fast_path_writes_what_log_batch_writes(tmp_path, monkeypatch):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
-    exp = client.create_experiment("t")
-    ours, theirs = client.create_run(exp).info.run_id, client.create_run(exp).info.run_id
-    # Two flushes; the second holds older steps of train/loss than the first (latest must not regress).
-    batches = [_metrics(10, 8), _metrics(0, 6) + _metrics(30, 3)]
-    for batch in batches:
-        client.log_batch(theirs, metrics=[Metric(*row) for row in batch])
-    with monkeypatch.context() as m:  # the fast path never falls back to log_batch here
-        m.setattr(client, "log_batch", lambda *a, **k: pytest.fail("log_batch called"))
-        for batch in batches:
-            tracking.write_metrics(client, ours, batch)
-    assert _held(client, ours) == _held(client, theirs)
-    history, latest = _held(client, ours)
-    assert len(history["grad_norm/w/layer_1"]) == 17 and latest["grad_norm/w/layer_1"] == 0.5 + 32
-    assert latest["grad_norm/b/layer_1"] == "nan"  # step 32's value
-    assert (1, 1001, 1.7976931348623157e308) in history["grad_norm/b/layer_1"]  # +inf, as MLflow stores it
+def as_mlflow(x: float) -> float:
+    """MLflow stores an infinity as the largest float of its sign."""
+    return float(np.nan_to_num(x, nan=np.nan, posinf=sys.float_info.max, neginf=-sys.float_info.max))
 
 
-def test_repeated_values_are_skipped_and_deleted_runs_refused(tmp_path):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
-    exp = client.create_experiment("t")
-    run_id = client.create_run(exp).info.run_id
-    tracking.write_metrics(client, run_id, _metrics(0, 4))
-    tracking.write_metrics(client, run_id, _metrics(0, 4))  # the same values again: held once
-    assert len(client.get_metric_history(run_id, "grad_norm/w/layer_1")) == 4
-    client.delete_run(run_id)
-    with pytest.raises(MlflowException, match="must be in the 'active' state"):
-        tracking.write_metrics(client, run_id, _metrics(10, 1))
+def test_step_tables_hold_every_step_and_mlflow_their_interval_summaries(mnist, tracking_uri):
+    # 30 steps, 7 points a series: intervals of 5 steps; member 1 (relu, lr 1e4) diverges early.
+    cfg = build_config({"name": "tables", "model": {"sizes": [784, 30, 30, 10], "activation": "relu"},
+                        "train": {"epochs": 3, "log_every": 4, "metric_points": 7, "momentum": 0.5},
+                        "checkpoint": {"every": 7, "unit": "step"}, "ray": {"num_workers": 1},
+                        "data": {"train_limit": 1280, "eval_limit": 200},
+                        "population": [{"seed": 0, "lr": 0.1}, {"seed": 1, "lr": 1e4}]})
+    arrays = data.select(mnist, "test", 1280, 200)
+    run_ids = tracking.create_runs(tracking_uri, cfg)
+    recorded = RecordingSink()
+    out = worker.train(cfg, arrays, worker.WorkerEnv(), Tee(tracking.MlflowSink(tracking_uri, run_ids), recorded))
+    diverged = worker.diverged_members(out["diverged_at"])
+    assert out["steps"] == 30 and list(diverged) == [1] and diverged[1] < 25
+    client = MlflowClient(tracking_uri)
+    names = metrics.step_names(3)
+    every = metrics.interval(30, 7)
+    assert every == 5
+    for k, run_id in enumerate(run_ids):
+        last = diverged.get(k, 29)
+        table = steptable.read(client, run_id)
+        assert list(table) == ["step"] + names
+        np.testing.assert_array_equal(table["step"], np.arange(last + 1))  # each step once, in order
+        for name in names:  # bit for bit what the loop computed
+            loop = np.array([v[name][k] for s, v in recorded.steps if s <= last], dtype=np.float32)
+            np.testing.assert_array_equal(table[name], loop)
+            assert np.isfinite(table[name][:last]).all()
+        parts = [a.path for a in client.list_artifacts(run_id, steptable.ARTIFACT_DIR)]
+        if k == 0:  # one part per checkpoint: steps 0-6, 7-9 (epoch end), 10-13, ...
+            assert parts[:2] == [f"step_metrics/{steptable.part_name(0, 6)}", f"step_metrics/{steptable.part_name(7, 9)}"]
+        for name in names:
+            mean = {m.step: m.value for m in client.get_metric_history(run_id, name)}
+            peak = {m.step: m.value for m in client.get_metric_history(run_id, metrics.max_name(name))}
+            starts = list(range(0, last + 1, every))  # a diverged member's series stops with it
+            assert sorted(mean) == sorted(peak) == starts
+            for s in starts:  # the summaries of the table's rows, the last interval cut at divergence
+                window = table[name][s:s + every].astype(np.float64)
+                assert mean[s] == pytest.approx(as_mlflow(window.mean()), rel=1e-6, nan_ok=True)
+                assert peak[s] == pytest.approx(as_mlflow(window.max()), rel=1e-7, nan_ok=True)
+            if k in diverged:  # its last row is the step whose gradient was not finite
+                assert not np.isfinite([table[n][-1] for n in metrics.grad_norm_names(3)]).all()
+        assert [m.step for m in client.get_metric_history(run_id, "test/acc")] == list(range(4 if k == 0 else 1))
+
+
+def test_sink_restore_writes_what_the_checkpoint_held_once(tracking_uri):
+    """A flush that never happened (the worker died after its checkpoint) is redone from the
+    checkpoint's `unflushed`; what MLflow already holds is not written again; a step-table part
+    written again replaces itself."""
+    cfg = build_config({"model": {"sizes": [784, 10]}})
+    (run_id,) = tracking.create_runs(tracking_uri, cfg)
+    client = MlflowClient(tracking_uri)
+    sink = tracking.MlflowSink(tracking_uri, [run_id])
+    cols = {"grad_norm/w/layer_1": np.array([[1.0], [2.0], [3.0]]), "train/batch_loss": np.array([[4.0], [5.0], [6.0]])}
+    sink.log_steps([0, 1, 2], cols, np.ones((3, 1), bool))
+    sink.log(0, {"grad_norm/w/layer_1": np.array([2.0])}, np.ones(1, bool))
+    sink.flush()
+    sink.log_steps([3, 4], {k: v[:2] + 10 for k, v in cols.items()}, np.ones((2, 1), bool))
+    sink.log(3, {"grad_norm/w/layer_1": np.array([11.5])}, np.ones(1, bool))
+    held = sink.unflushed()  # the checkpoint; then the worker dies before flushing
+    for _ in range(2):  # the second time, as if the restarted worker had died after its flush
+        again = tracking.MlflowSink(tracking_uri, [run_id])
+        again.restore(held)
+        history = client.get_metric_history(run_id, "grad_norm/w/layer_1")
+        assert sorted((m.step, m.value) for m in history) == [(0, 2.0), (3, 11.5)]
+        table = steptable.read(client, run_id)
+        np.testing.assert_array_equal(table["step"], [0, 1, 2, 3, 4])
+        np.testing.assert_array_equal(table["grad_norm/w/layer_1"], [1, 2, 3, 11, 12])
+        np.testing.assert_array_equal(table["train/batch_loss"], [4, 5, 6, 14, 15])
+
+
+def test_installed_mlflow_is_in_the_pinned_range():
+    """distnet uses MLflow's public client API as of the versions its tests ran on; pyproject.toml pins
+    that range, and an environment that leaves it fails here."""
+    (req,) = [Requirement(r) for r in importlib.metadata.requires("distnet") if Requirement(r).name == "mlflow"]
+    assert str(req.specifier), "mlflow must be pinned to a range"
+    assert req.specifier.contains(importlib.metadata.version("mlflow")), (req, importlib.metadata.version("mlflow"))
