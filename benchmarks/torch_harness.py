@@ -42,7 +42,7 @@ class EpochClock:
     def progress(self, state):
         pass
 
-    def flush(self):
+    def flush(self, midway=None):
         pass
 
 

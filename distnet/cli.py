@@ -119,8 +119,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with `key=value` overrides accepted before, between and after the options
+    of `train` and `sweep` (argparse alone takes positionals only in one run)."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra  # after the ones argparse took, in the order given: later ones win
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:

@@ -46,14 +46,29 @@ def torch_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def shared_memory_possible(device: torch.device) -> bool:
+def shared_memory_bytes(like: torch.Tensor, world: int) -> int:
+    """What SharedMemoryMean maps in /dev/shm for `like` across `world` ranks: counters and two slots
+    per rank."""
+    return (world * LINE + 2 * world * like.numel()) * like.element_size()
+
+
+def shared_memory_possible(like: torch.Tensor) -> bool:
     """CPU tensors, x86-64 (its store ordering is what makes publish-after-write safe from Python),
-    and every rank on this host with /dev/shm."""
-    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64") or not SHM_DIR.is_dir():
+    every rank on this host, and room in /dev/shm. A tmpfs is sized at mount time (Docker gives 64 MB)
+    and writing past its end kills the writer with SIGBUS, so the mapping must fit in what is free,
+    with half of it left to everything else; rank 0 decides for all."""
+    if like.device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64") or not SHM_DIR.is_dir():
         return False
     hosts = [None] * dist.get_world_size()
     dist.all_gather_object(hosts, socket.gethostname())
-    return len(set(hosts)) == 1
+    if len(set(hosts)) != 1:
+        return False
+    fits = [None]
+    if dist.get_rank() == 0:
+        st = os.statvfs(SHM_DIR)
+        fits[0] = shared_memory_bytes(like, dist.get_world_size()) <= st.f_bavail * st.f_frsize // 2
+    dist.broadcast_object_list(fits, src=0)
+    return bool(fits[0])
 
 
 class SharedMemoryMean:
@@ -106,11 +121,12 @@ class SharedMemoryMean:
         return [r for r, c in enumerate(self.counters.tolist()) if c < self.step]
 
 
-def gradient_mean(grad: torch.Tensor, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The all-reduce (mean) for `grad`'s buffer: `mode` is ray.all_reduce ("auto": shared memory
-    where possible, else torch.distributed; "torch": torch.distributed always)."""
+def gradient_mean(grad: torch.Tensor, mode: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """The all-reduce (mean) for `grad`'s buffer and the name of the path it takes: "none" (one
+    rank), "shared_memory" or "torch" (torch.distributed). `mode` is ray.all_reduce ("auto": shared
+    memory where possible, else torch.distributed; "torch": torch.distributed always)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return lambda t: t
-    if mode == "auto" and shared_memory_possible(grad.device):
-        return SharedMemoryMean(grad)
-    return torch_mean
+        return (lambda t: t), "none"
+    if mode == "auto" and shared_memory_possible(grad):
+        return SharedMemoryMean(grad), "shared_memory"
+    return torch_mean, "torch"

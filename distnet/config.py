@@ -125,6 +125,12 @@ class FaultConfig:
     kill_at_step: Optional[int] = field(default=None, metadata=_at_least(0))
     kill_rank: int = field(default=0, metadata=_at_least(0))
     once_marker: Optional[str] = None
+    # Kill rank 0 inside the first flush of its records at or after kill_at_step, once the first
+    # run's have been written (a writer that dies half-way through).
+    kill_in_flush: bool = False
+    # A folder where each rank appends, per attempt, the first step it executes and that step's
+    # example indices (rank<r>.jsonl): what a drill or test checks resumption and sharding with.
+    trace: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from distnet import data, sweep, tracking, worker
+from distnet import data, download, sweep, tracking, worker
 from distnet.config import Config, config_hash
 from distnet.lanes import JobQueue, ProgressBoard
 from distnet.progress import ProgressPrinter
@@ -104,7 +104,7 @@ def _train_loop(loop_config: dict) -> None:
         if rank == 0:
             sink = tracking.MlflowSink(uri, job.run_ids, on_progress=board and (lambda s: board.update.remote(s)))
             tracking.tag_runs(uri, job.run_ids, {"distnet.ray_node": ray.get_runtime_context().get_node_id(),
-                                                 "distnet.lane": str(lane)})
+                                                 "distnet.lane": str(lane), "distnet.trainer": ctx.get_experiment_name()})
             if resume is not None or job.resumed:
                 # What the dead group had not yet written; and nothing MLflow holds is written again,
                 # even where Ray had not registered the dead group's last checkpoint.
@@ -122,6 +122,8 @@ def _train_loop(loop_config: dict) -> None:
 
 def _close_job(uri: str, queue, lane: int, seq: int, job: Job, state: dict) -> None:
     diverged = worker.diverged_members(state["diverged_at"])
+    # Which gradient all-reduce the training took: none (1 worker), shared_memory or torch.
+    tracking.tag_runs(uri, job.run_ids, {"distnet.all_reduce": state["all_reduce"]})
     tracking.end_runs(uri, job.run_ids, diverged=diverged)
     ray.get(queue.done.remote(lane, seq, {"diverged": len(diverged)}))
 
@@ -170,7 +172,8 @@ def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, ad
                  show_progress: bool = True, say=print) -> TrainingResult:
     """`distnet train`: verify the data, create the runs (or find the unfinished ones of the same
     name and config), train (one lane, one job), forget the resume record once it is done."""
-    arrays = data.select(data.load_mnist(data_dir or cfg.data.dir), cfg.data.split, cfg.data.train_limit, cfg.data.eval_limit)
+    mnist = download.load_or_fetch(data_dir or cfg.data.dir, say)
+    arrays = data.select(mnist, cfg.data.split, cfg.data.train_limit, cfg.data.eval_limit)
     record = _resume_record(cfg)
     chash = config_hash(cfg.to_dict())
     previous = json.loads(record.read_text()) if record is not None and record.exists() else None
@@ -249,7 +252,7 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
     """`distnet sweep`: skip finished cells, pack the rest into populations (jobs), run them on
     concurrent lanes, then summarise every cell from the MLflow store."""
     first = sw.cells[0].config
-    mnist = data.load_mnist(data_dir or first.data.dir)
+    mnist = download.load_or_fetch(data_dir or first.data.dir, say)
     grid_params = {f"grid.{k}": v for k, v in sw.grid.items()} | {f"sweep.{k}": v for k, v in vars(sw.settings).items()}
     parent = tracking.sweep_parent(tracking_uri, first.mlflow.experiment, sw.name, sw.id, grid_params)
     by_cell: dict[str, list] = {}

@@ -258,8 +258,8 @@ class MlflowSink:
         if row[3] > self.written_upto[k].get(row[0], -1):
             self.buffers[k].append(row)
 
-    def flush(self) -> None:
-        for run_id, buf, rows in zip(self.run_ids, self.buffers, self.rows):
+    def flush(self, midway: Callable[[], None] | None = None) -> None:
+        for k, (run_id, buf, rows) in enumerate(zip(self.run_ids, self.buffers, self.rows)):
             block = rows.block()
             if block is not None:
                 steps, values = block
@@ -267,6 +267,8 @@ class MlflowSink:
                 rows.clear()
             write_metrics(self.client, run_id, buf)
             buf.clear()
+            if k == 0 and midway is not None:
+                midway()
 
 
 # ---------------------------------------------------------------- sweeps
@@ -324,7 +326,8 @@ def cell_summary(uri: str, run, n_layers: int, eval_prefix: str) -> dict:
     def ratio(i):
         if first is None or last is None or not len(first) or not last[i]:
             return float("nan")
-        return float(first[i] / last[i])
+        with np.errstate(all="ignore"):  # a diverged cell's last row: inf / inf
+            return float(first[i] / last[i])
 
     status = run.data.tags.get("distnet.status") or run.info.status.lower()
     return {

@@ -9,9 +9,11 @@ Ray never appears here: launch.py calls `train` inside a Ray Train worker.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +40,9 @@ class Sink(Protocol):
     def progress(self, state: dict) -> None:
         """Where the training is (step, epoch, loss, accuracy), for the driver's progress line."""
 
-    def flush(self) -> None:
-        """Write what log() and log_steps() buffered; called at each checkpoint."""
+    def flush(self, midway: Callable[[], None] | None = None) -> None:
+        """Write what log() and log_steps() buffered; called at each checkpoint. `midway`, if given,
+        is called once the first run's records are written (fault injection)."""
 
 
 @dataclass(frozen=True)
@@ -84,16 +87,32 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _maybe_kill(cfg: Config, step: int, rank: int) -> None:
-    """fault.kill_at_step: SIGKILL this worker (rank fault.kill_rank) once per marker file."""
+def _kill_due(cfg: Config, step: int, rank: int, in_flush: bool) -> bool:
+    """fault.kill_at_step reached on rank fault.kill_rank (in a step, or in a flush with
+    fault.kill_in_flush), and its marker file (if any) not there yet."""
     f = cfg.fault
-    if f.kill_at_step != step or f.kill_rank != rank:
-        return
-    if f.once_marker:
-        if os.path.exists(f.once_marker):
-            return
-        Path(f.once_marker).touch()
+    if f.kill_at_step is None or f.kill_rank != rank or f.kill_in_flush != in_flush:
+        return False
+    if (step < f.kill_at_step) if in_flush else (step != f.kill_at_step):
+        return False
+    return not (f.once_marker and os.path.exists(f.once_marker))
+
+
+def _kill(cfg: Config) -> None:
+    """SIGKILL this worker, once per marker file."""
+    if cfg.fault.once_marker:
+        Path(cfg.fault.once_marker).touch()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _trace(cfg: Config, env: WorkerEnv, step: int, batch: torch.Tensor) -> None:
+    """fault.trace: note the first step this attempt executes and its example indices."""
+    if cfg.fault.trace:
+        path = Path(cfg.fault.trace) / f"rank{env.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "first_step": step,
+                                "batch": batch.tolist()}) + "\n")
 
 
 def diverged_members(diverged_at: torch.Tensor) -> dict[int, int]:
@@ -139,7 +158,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     # Rank 0 reduces the per-step series to interval means and maxima for MLflow, on the device.
     summary = metrics.IntervalStats(metrics.interval(total_steps, tc.metric_points),
                                     torch.empty(P, S + 1, device=env.device)) if sink and names else None
-    grad_mean = collective.gradient_mean(model.grad, cfg.ray.all_reduce)
+    grad_mean, all_reduce = collective.gradient_mean(model.grad, cfg.ray.all_reduce)
     # A member diverges at the first step whose all-reduced gradient has a non-finite norm (the same
     # on every rank); it is frozen there and the others go on.
     alive = torch.ones(P, dtype=torch.bool, device=env.device)
@@ -221,9 +240,10 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
         commit({"theta": model.theta.cpu(), "velocity": opt.velocity, "alive": alive.cpu(),
                 "diverged_at": diverged_at.cpu(), "loss_sum": loss_sum.cpu(), "step": step, "epoch": epoch,
                 "final": final, "rng": torch.get_rng_state(),
-                "interval": summary.state() if summary is not None else None}, done)
+                "interval": summary.state() if summary is not None else None, "all_reduce": all_reduce}, done)
         if sink is not None:
-            sink.flush()
+            kill = _kill_due(cfg, step, env.rank, in_flush=True)
+            sink.flush(midway=(lambda: _kill(cfg)) if kill else None)
 
     if resume is None:
         final = epoch_metrics(0, {}) if sink is not None else {}  # epoch 0: the network at init
@@ -239,13 +259,17 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
         if summary is not None:
             summary.load(resume["interval"])
 
+    first_step = step
     while epoch <= tc.epochs and step < total_steps and alive.any():  # one host sync per epoch
         epoch_start = time.perf_counter()
         batches = data.epoch_batches(n_train, tc.batch_size, epoch, cfg.data.shuffle_seed, env.rank, env.world_size)
         batches = batches.to(env.device)
         epoch_end = min(epoch * steps_per_epoch, total_steps)
         while step < epoch_end:
-            _maybe_kill(cfg, step, env.rank)
+            if step == first_step:
+                _trace(cfg, env, step, batches[step - (epoch - 1) * steps_per_epoch])
+            if _kill_due(cfg, step, env.rank, in_flush=False):
+                _kill(cfg)
             if step == cfg.fault.raise_at_step:
                 raise RuntimeError(f"fault injection: fault.raise_at_step={step}")
             idx.copy_(batches[step - (epoch - 1) * steps_per_epoch])
@@ -274,4 +298,5 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
         if ck.unit == "step" or (epoch - 1) % ck.every == 0:
             checkpoint()
     checkpoint(done=True)
-    return {"theta": model.theta.cpu(), "metrics": final, "steps": step, "diverged_at": diverged_at.cpu()}
+    return {"theta": model.theta.cpu(), "metrics": final, "steps": step, "diverged_at": diverged_at.cpu(),
+            "all_reduce": all_reduce}

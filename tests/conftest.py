@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import ray
 
 from distnet import data
 
@@ -17,6 +16,8 @@ def mnist() -> data.MNIST:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray (2 CPUs, loopback), shared by every test that needs one, ended at the end."""
+    import ray  # here, not at the top: tests/test_gpu.py runs on hosts without Ray
+
     ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -45,7 +46,7 @@ class RecordingSink:
     def progress(self, state):
         pass
 
-    def flush(self):
+    def flush(self, midway=None):
         pass
 
     def series(self, name: str) -> list[tuple[int, np.ndarray]]:

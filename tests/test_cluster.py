@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -48,9 +49,26 @@ def run(cmd, env, timeout=120, check=True):
     return proc
 
 
+SHARED_DATA = ROOT.parent / "shared" / "data"
+NODE2 = "distnet-node2"
+
+
+def as_second_host(cmd: list[str]) -> list[str]:
+    """`cmd` in a UTS and mount namespace of its own, as root: hostname distnet-node2, and no MNIST
+    (an empty tmpfs over ../shared/data and ~/.cache/distnet). The processes it leaves running (a
+    Ray node's daemons) stay in there: a second host without the data, on the same loopback."""
+    hide = " && ".join(f"mount -t tmpfs distnet-nodata {d}" for d in (SHARED_DATA, Path.home() / ".cache" / "distnet")
+                       if d.is_dir())
+    script = f"hostname {NODE2}" + (f" && {hide}" if hide else "") + ' && exec "$@"'
+    return ["unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
+
+
 @pytest.fixture
 def two_node_cluster(tmp_path):
-    """A Ray head and a second Ray node (1 CPU each) and an MLflow server, all on 127.0.0.1."""
+    """A Ray head and a second Ray node (1 CPU each) and an MLflow server, all on 127.0.0.1; the
+    second node has a hostname of its own and no MNIST (needs root and unshare, which CI has)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.fail("the two-host cluster needs root and unshare (CI runs as root)")
     # Ray 2.60 heads use token auth; a fresh machine has no ~/.ray/auth_token, so the cluster gets
     # its own token, shared by both nodes and every CLI call through the environment.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
@@ -67,8 +85,8 @@ def two_node_cluster(tmp_path):
         run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "1",
              "--temp-dir", str(temp), "--include-dashboard", "true"], env)
-        run([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
-             "--num-cpus", "1"], env)
+        run(as_second_host([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address",
+                            "127.0.0.1", "--num-cpus", "1"]), env)
         uri = f"http://127.0.0.1:{mlflow_port}"
         deadline = time.time() + 60
         while True:
@@ -87,11 +105,32 @@ def two_node_cluster(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_job_submit_sweep_on_two_nodes(two_node_cluster, tmp_path):
-    c = two_node_cluster
+def working_dir(tmp_path: Path) -> Path:
+    """The repository as a user's `--working-dir .` ships it."""
     work = tmp_path / "job"
     shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", ".git", "*.db", "mlruns", "mlartifacts",
                                                               "distnet_runs", "__pycache__", ".pytest_cache"))
+    return work
+
+
+def submit(c: dict, work: Path, runtime_env: list[str], *command: str) -> str:
+    """`ray job submit` from the command line; the job's id once it SUCCEEDED."""
+    for _ in range(30):  # a node's job agent comes up some seconds after `ray start` returns
+        proc = run([str(BIN / "ray"), "job", "submit", "--address", c["dashboard"], "--working-dir", str(work),
+                    *runtime_env, "--", *command], c["env"], timeout=600, check=False)
+        if "No available agent to submit job" not in proc.stderr:
+            break
+        time.sleep(2)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    job_id = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
+    status = run([str(BIN / "ray"), "job", "status", "--address", c["dashboard"], job_id], c["env"])
+    assert re.search(rf"Job '{job_id}' succeeded", status.stdout + status.stderr)  # Ray's words for SUCCEEDED
+    return job_id
+
+
+def test_ray_job_submit_sweep_on_two_nodes(two_node_cluster, tmp_path):
+    c = two_node_cluster
+    work = working_dir(tmp_path)
     (work / "job_sweep.yaml").write_text("""name: jobsweep
 model: {width: 20, activation: tanh}
 data: {train_limit: 3840, eval_limit: 300, dir: %s}
@@ -102,13 +141,8 @@ sweep: {pack: 1, max_concurrent: 2}  # 6 jobs on 2 lanes, one lane per node
 grid: {model.depth: [1, 2], seed: [0, 1, 2]}
 """ % (ROOT.parent / "shared" / "data" / "mnist", tmp_path / "storage"))
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": c["mlflow"]}}
-    submit = run([str(BIN / "ray"), "job", "submit", "--address", c["dashboard"], "--working-dir", str(work),
-                  "--runtime-env-json", json.dumps(runtime_env), "--",
-                  "python", "-m", "distnet.cli", "sweep", "job_sweep.yaml"], c["env"], timeout=600, check=False)
-    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
-    job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
-    status = run([str(BIN / "ray"), "job", "status", "--address", c["dashboard"], job_id], c["env"])
-    assert re.search(rf"Job '{job_id}' succeeded", status.stdout + status.stderr)  # Ray's words for SUCCEEDED
+    submit(c, work, ["--runtime-env-json", json.dumps(runtime_env)], "python", "-m", "distnet.cli", "sweep",
+           "job_sweep.yaml")
     client = MlflowClient(c["mlflow"])
     exp = client.get_experiment_by_name("cluster")
     cells = client.search_runs([exp.experiment_id], "tags.`distnet.cell_id` != ''")
@@ -120,6 +154,38 @@ grid: {model.depth: [1, 2], seed: [0, 1, 2]}
         assert "config.yaml" in {a.path for a in client.list_artifacts(r.info.run_id)}
     parent = client.search_runs([exp.experiment_id], "tags.`distnet.kind` = 'sweep'")[0]
     assert "summary.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_two_workers_on_two_hosts_equal_one_worker(two_node_cluster, tmp_path):
+    """`distnet train` with 2 workers, one per host (the second without MNIST), submitted as a user
+    would: `ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml` (its HEAD_IP filled
+    in). The gradient all-reduce goes through torch.distributed (the hosts differ), the worker on the
+    second host trains on the arrays the driver read, and the run equals a 1-worker run."""
+    c = two_node_cluster
+    work = working_dir(tmp_path)
+    runtime_env = work / "cluster" / "runtime_env.yaml"
+    runtime_env.write_text(runtime_env.read_text().replace("http://HEAD_IP:5000", c["mlflow"]))
+    cfg = {"name": "hosts", "model": {"sizes": [784, 30, 30, 10]}, "train": {"epochs": 1, "momentum": 0.9},
+           "data": {"train_limit": 2560, "eval_limit": 500, "dir": str(SHARED_DATA / "mnist")},
+           "ray": {"num_workers": 2, "storage_path": str(tmp_path / "storage")},
+           "mlflow": {"experiment": "hosts"}, "fault": {"trace": str(tmp_path / "trace")}}
+    (work / "hosts.yaml").write_text(yaml.safe_dump(cfg))
+    submit(c, work, ["--runtime-env", str(runtime_env)], "python", "-m", "distnet.cli", "train", "hosts.yaml")
+    submit(c, work, ["--runtime-env", str(runtime_env)], "python", "-m", "distnet.cli", "train", "hosts.yaml",
+           "name=one", "ray.num_workers=1", f"fault.trace={tmp_path / 'trace1'}")
+    hosts = {r: json.loads((tmp_path / "trace" / f"rank{r}.jsonl").read_text())["host"] for r in (0, 1)}
+    assert sorted(hosts.values()) == sorted([socket.gethostname(), NODE2])  # one worker on each host
+    client = MlflowClient(c["mlflow"])
+    exp = client.get_experiment_by_name("hosts").experiment_id
+    (two,) = client.search_runs([exp], "attributes.run_name = 'hosts'")
+    (one,) = client.search_runs([exp], "attributes.run_name = 'one'")
+    assert two.info.status == one.info.status == "FINISHED"
+    assert two.data.tags["distnet.all_reduce"] == "torch" and one.data.tags["distnet.all_reduce"] == "none"
+    t2, t1 = steptable.read(client, two.info.run_id), steptable.read(client, one.info.run_id)
+    np.testing.assert_array_equal(t2["step"], np.arange(20))
+    for name in t1:  # the same trajectory: every step's norms and global batch loss
+        np.testing.assert_allclose(t2[name], t1[name], rtol=1e-5, err_msg=name)
+    assert two.data.metrics["test/acc"] == pytest.approx(one.data.metrics["test/acc"], abs=1e-3)
 
 
 GPU_PLACEMENT = """

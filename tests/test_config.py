@@ -111,3 +111,32 @@ def test_cli_bad_config_exits_2_and_starts_nothing(tmp_path):
     assert "model.init" in proc.stderr and "'glorot'" in proc.stderr and "xavier_normal" in proc.stderr
     assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "distnet_runs").exists()
     assert "Ray" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_overrides_go_before_between_or_after_the_options(command):
+    from distnet import cli
+
+    orders = [
+        [command, "c.yaml", "train.epochs=1", "model.depth=3", "--tracking-uri", "sqlite:///x.db", "--data-dir", "d"],
+        [command, "c.yaml", "--tracking-uri", "sqlite:///x.db", "train.epochs=1", "--data-dir", "d", "model.depth=3"],
+        [command, "--tracking-uri", "sqlite:///x.db", "--data-dir", "d", "c.yaml", "train.epochs=1", "model.depth=3"],
+        [command, "c.yaml", "--tracking-uri", "sqlite:///x.db", "--data-dir", "d", "train.epochs=1", "model.depth=3"],
+    ]
+    for argv in orders:
+        args = cli.parse_args(argv)
+        assert (args.config, args.overrides, args.tracking_uri, args.data_dir) == \
+            ("c.yaml", ["train.epochs=1", "model.depth=3"], "sqlite:///x.db", "d"), argv
+    # the last of two overrides of one key wins, wherever they are
+    assert cli.parse_args([command, "c.yaml", "train.lr=1", "--data-dir", "d", "train.lr=2"]).overrides == \
+        ["train.lr=1", "train.lr=2"]
+
+
+def test_unknown_options_are_still_refused(capsys):
+    from distnet import cli
+
+    for argv in (["train", "c.yaml", "--tracking-url", "x"], ["train", "c.yaml", "--data-dir", "d", "notakeyvalue"],
+                 ["list", "x=1"]):
+        with pytest.raises(SystemExit) as e:
+            cli.parse_args(argv)
+        assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err

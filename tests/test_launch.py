@@ -32,6 +32,10 @@ def test_two_workers_follow_the_one_worker_trajectory(ray_cluster, tracking_uri,
     two = launch.run_training(config(2, all_reduce, max_steps=20), tracking_uri, show_progress=False)
     assert one.steps == two.steps == 20
     torch.testing.assert_close(two.theta, one.theta, atol=1e-5, rtol=0)
+    client = MlflowClient(tracking_uri)  # the all-reduce each took, as its runs say
+    assert client.get_run(one.run_ids[0]).data.tags["distnet.all_reduce"] == "none"
+    assert client.get_run(two.run_ids[0]).data.tags["distnet.all_reduce"] == \
+        {"auto": "shared_memory", "torch": "torch"}[all_reduce]
     # the runs did move: 20 steps at lr 0.5 change the parameters well beyond the tolerance
     init = init_theta(config(1).sizes, config(1).members)
     assert (one.theta - init).abs().max() > 1e-2

@@ -12,17 +12,17 @@ from distnet.model import PopulationMLP, init_theta
 from conftest import RecordingSink
 
 N = 1000
-# Expected weight std of each scheme on an N x N layer, written out from the formulas.
+# Expected weight std of each scheme on an n_in x n_out layer, written out from the formulas.
 EXPECTED_STD = {
-    "nielsen": 1.0,
-    "nielsen_scaled": 1 / math.sqrt(N),
-    "uniform_sqrt_n": (1 / math.sqrt(N)) / math.sqrt(3),
-    "xavier_normal": math.sqrt(2 / (2 * N)),
-    "xavier_uniform": math.sqrt(6 / (2 * N)) / math.sqrt(3),
-    "he_normal": math.sqrt(2 / N),
-    "he_uniform": math.sqrt(6 / N) / math.sqrt(3),
-    "lecun_normal": 1 / math.sqrt(N),
-    "orthogonal": 1 / math.sqrt(N),  # rows of unit norm over N entries
+    "nielsen": lambda i, o: 1.0,
+    "nielsen_scaled": lambda i, o: 1 / math.sqrt(i),
+    "uniform_sqrt_n": lambda i, o: (1 / math.sqrt(i)) / math.sqrt(3),
+    "xavier_normal": lambda i, o: math.sqrt(2 / (i + o)),
+    "xavier_uniform": lambda i, o: math.sqrt(6 / (i + o)) / math.sqrt(3),
+    "he_normal": lambda i, o: math.sqrt(2 / i),
+    "he_uniform": lambda i, o: math.sqrt(6 / i) / math.sqrt(3),
+    "lecun_normal": lambda i, o: 1 / math.sqrt(i),
+    "orthogonal": lambda i, o: 1 / math.sqrt(max(i, o)),  # min(i, o) orthonormal vectors of max(i, o) entries
 }
 
 
@@ -34,9 +34,22 @@ def test_every_init_is_checked():
 def test_init_std_matches_formula(name):
     g = torch.Generator().manual_seed(0)
     w, b = registry.init_layer(name, N, N, g, sigma_w=1.0, sigma_b=None)
-    assert abs(w.std().item() / EXPECTED_STD[name] - 1) < 0.05
-    assert abs(w.mean().item()) < 0.05 * EXPECTED_STD[name] * 10
+    expected = EXPECTED_STD[name](N, N)
+    assert abs(w.std().item() / expected - 1) < 0.05
+    assert abs(w.mean().item()) < 0.05 * expected * 10
     assert abs(b.std().item() - registry.INITS[name].bias_std) < 0.1
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_STD))
+def test_init_uses_fan_in_and_fan_out_the_right_way_round(name):
+    """A 2000 -> 200 layer: a scheme that swapped n_in and n_out would be off by sqrt(10) (or more)."""
+    n_in, n_out = 2000, 200
+    w, b = registry.init_layer(name, n_in, n_out, torch.Generator().manual_seed(1), sigma_w=1.0, sigma_b=None)
+    assert w.shape == (n_in, n_out) and b.shape == (n_out,)
+    expected, swapped = EXPECTED_STD[name](n_in, n_out), EXPECTED_STD[name](n_out, n_in)
+    assert abs(w.std().item() / expected - 1) < 0.02  # 400k draws: the estimate is good to ~0.2%
+    if abs(swapped / expected - 1) > 0.1:
+        assert abs(w.std().item() / swapped - 1) > 0.1
 
 
 def test_orthogonal_is_orthogonal_and_sigmas_scale():

@@ -81,6 +81,16 @@ def test_extraction_from_a_filled_store(tracking_uri):
     np.testing.assert_allclose(s["std"], [np.std([1, 2], ddof=1), np.std([2, 4], ddof=1)])
     assert s["ratio"] == pytest.approx(0.5) and speeds[("tanh", "xavier_normal", 1)]["std"] is None
 
+    # What the figures draw is those numbers: a line's y data, a heatmap cell.
+    fig = report.layer_figure(speed[("sigmoid", "xavier_normal")], "t", "speed", log=True)
+    line = [l for l in fig.axes[1].get_lines() if l.get_label() == "hidden layer 2"][0]  # panel: depth 2
+    np.testing.assert_allclose(line.get_ydata(), [3, 0.3, 0.03])
+    np.testing.assert_array_equal(line.get_xdata(), [0, 1, 2])
+    fig = report.accuracy_figure(grids, "test")
+    cells = fig.axes[0].images[0].get_array()  # sigmoid: depths [1, 2] x inits [he_normal, xavier_normal]
+    assert cells[1, 1] == pytest.approx(82.0) and cells[1, 0] == pytest.approx(70.0)
+    assert [t.get_text() for t in fig.axes[0].texts][3] == "82.0"
+
     rows = {(r["activation"], r["init"], r["depth"]): r for r in report.cell_table(runs)}
     r = rows[("sigmoid", "xavier_normal", 2)]
     assert r["seeds"] == 2 and r["acc_mean"] == pytest.approx(0.82) and r["acc_min"] == pytest.approx(0.80)

@@ -1,6 +1,7 @@
 """Sweeps on a real local Ray and a real MLflow sqlite store: cells, packing, resume, divergence,
 failures, concurrent writers."""
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from distnet import launch, metrics, steptable, sweep
@@ -59,7 +61,7 @@ def test_grid_runs_once_and_resumes_without_logging_twice(ray_cluster, tracking_
     monkeypatch.chdir(tmp_path)
     raw = {"name": "g8", **TINY, "model": {"width": 20, "activation": "tanh"},
            "ray": {"num_workers": 1, "cpus_per_worker": 0.5}, "mlflow": {"experiment": "sweeps"},
-           "sweep": {"pack": 2, "max_concurrent": 4},  # 4 trainings writing to one sqlite file at once
+           "sweep": {"pack": 1, "max_concurrent": 2},  # 2 lanes writing to one sqlite file at once, 4 jobs each
            "grid": {"model.depth": [1, 2], "model.init": ["xavier_normal", "he_normal"], "seed": [0, 1]}}
     sw = sweep.build_sweep(raw)
     first = launch.run_sweep(sw, tracking_uri, say=lambda *_: None)
@@ -79,6 +81,15 @@ def test_grid_runs_once_and_resumes_without_logging_twice(ray_cluster, tracking_
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, name)) == list(range(10))
         for name in ["test/acc", "speed/layer_1", "act/saturated/layer_1"]:
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, name)) == [0, 1]
+    # The lanes did write at the same time: their spans of metric timestamps overlap.
+    spans: dict[str, list[int]] = {}
+    for r in runs:
+        for name in ["test/acc", "grad_norm/w/layer_1"]:
+            spans.setdefault(r.data.tags["distnet.lane"], []).extend(
+                m.timestamp for m in client.get_metric_history(r.info.run_id, name))
+    assert len(spans) == 2
+    lanes = [(min(t), max(t)) for t in spans.values()]
+    assert max(a for a, _ in lanes) < min(b for _, b in lanes), lanes
     parent = client.get_run(first.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.params["grid.model.depth"] == "[1, 2]"
     csv = Path(client.download_artifacts(first.parent_run_id, "summary.csv", str(tmp_path)))
@@ -122,3 +133,44 @@ def test_divergence_and_failure_are_recorded_and_the_sweep_goes_on(ray_cluster, 
     live = children(tracking_uri, result.parent_run_id)
     assert len(live) == 4  # ... and replace their old runs, which are deleted
     assert {r.info.run_id for r in live} >= {by_cell["lr=0.1,raise_at_step=None"]["run_id"]}
+
+
+def test_a_failing_first_pack_leaves_its_lane_going(ray_cluster, tmp_path):
+    """One lane, three packs, the first raises: its cell is FAILED with error.txt, the lane starts a
+    fresh trainer for the other two, which finish; the driver says 1 failed and exits 1; --force
+    replaces every run."""
+    spec = tmp_path / "lanefail.yaml"
+    spec.write_text("""name: lanefail
+model: {depth: 1, width: 20, activation: tanh}
+data: {train_limit: 1280, eval_limit: 300}
+train: {epochs: 1}
+ray: {num_workers: 1, max_failures: 0}
+mlflow: {experiment: lanefail}
+sweep: {max_concurrent: 1}
+grid: {fault.raise_at_step: [2, null, 50]}  # three trainings; only the first reaches its fault
+""")
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cmd = [sys.executable, "-m", "distnet.cli", "sweep", str(spec), "--address", ray_cluster]
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "cells: 2 done, 0 running, 0 diverged, 1 failed, 0 waiting" in proc.stdout
+    assert "FAILED raise_at_step=2: RuntimeError: fault injection" in proc.stdout
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("lanefail").experiment_id
+    runs = {r.data.tags["fault.raise_at_step"]: r for r in client.search_runs([exp], "tags.`distnet.cell_id` != ''")}
+    assert set(runs) == {"2", "None", "50"}
+    failed = runs["2"]
+    assert failed.info.status == "FAILED"
+    assert "fault injection" in Path(client.download_artifacts(failed.info.run_id, "error.txt", str(tmp_path))).read_text()
+    later = [runs["None"], runs["50"]]
+    assert all(r.info.status == "FINISHED" and r.data.tags["distnet.status"] == "finished" for r in later)
+    assert len({r.data.tags["distnet.trainer"] for r in later}) == 1  # one fresh trainer took both ...
+    assert later[0].data.tags["distnet.trainer"] != failed.data.tags["distnet.trainer"]  # ... not the failed one
+
+    again = subprocess.run(cmd + ["--force"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-3000:]
+    live = client.search_runs([exp], "tags.`distnet.cell_id` != ''")
+    assert len(live) == 3 and not {r.info.run_id for r in live} & {r.info.run_id for r in runs.values()}
+    deleted = client.search_runs([exp], "tags.`distnet.cell_id` != ''", run_view_type=ViewType.DELETED_ONLY)
+    assert {r.info.run_id for r in deleted} == {r.info.run_id for r in runs.values()}

@@ -23,7 +23,7 @@ class Tee:
         self.sinks = sinks
 
     def __getattr__(self, name):
-        return lambda *a: [getattr(s, name)(*a) for s in self.sinks][0]
+        return lambda *a, **k: [getattr(s, name)(*a, **k) for s in self.sinks][0]
 
 
 def as_mlflow(x: float) -> float:
