@@ -10,7 +10,6 @@ each, where two trainers start at once and share the two cores.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import ray.tune
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from distnet import data, launch, sweep
+from distnet import launch, sweep
 
 import ray_peer
 

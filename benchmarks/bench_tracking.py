@@ -84,18 +84,6 @@ def grid_sweep(work: Path, overrides: list[str]) -> dict:
             "run_ids": run_ids}
 
 
-def wait_for_server(uri: str, log: Path, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            MlflowClient(uri).search_experiments()
-            return
-        except Exception:
-            if time.time() > deadline:
-                raise RuntimeError(log.read_text()[-3000:] if log.exists() else "no server log")
-            time.sleep(1)
-
-
 def chart_query(uri: str, run_ids: list[str], reps: int = 3) -> float:
     """Seconds for the chart view's request of 100 runs' `grad_norm/w/layer_1` through a server."""
     port = free_port()
@@ -105,7 +93,7 @@ def chart_query(uri: str, run_ids: list[str], reps: int = 3) -> float:
                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_for_server(base, log)
+        tracking.wait_for_server(base, log=log)
         query = "&".join([f"run_ids={r}" for r in run_ids[:100]] +
                          ["metric_key=grad_norm%2Fw%2Flayer_1", "max_results=320"])
         url = f"{base}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval?{query}"
@@ -132,7 +120,7 @@ def pg_sweep(work: Path, cells: int) -> dict:
     try:
         subprocess.run(["bash", str(script), "start", str(state)], env=env, check=True, timeout=120)
         uri = f"http://127.0.0.1:{port}"
-        wait_for_server(uri, state / "mlflow.log")
+        tracking.wait_for_server(uri, log=state / "mlflow.log")
         seeds = cells // 8
         sw = sweep.build_sweep({
             "name": f"pg{cells}", "model": {"width": 16, "activation": "tanh"}, "train": {"epochs": 1},

@@ -34,6 +34,20 @@ def resolve_tracking_uri(cli_uri: str | None = None) -> str:
     return uri
 
 
+def wait_for_server(uri: str, timeout: float = 90, log: Path | None = None) -> None:
+    """Until the MLflow server at `uri` answers; past the timeout, fail with the end of its log."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            MlflowClient(uri).search_experiments()
+            return
+        except Exception:
+            if time.time() > deadline:
+                raise RuntimeError(f"no MLflow server at {uri}: "
+                                   + (log.read_text()[-3000:] if log and log.exists() else "no log")) from None
+            time.sleep(1)
+
+
 def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
 

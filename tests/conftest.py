@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 
@@ -51,3 +53,9 @@ class RecordingSink:
 
     def series(self, name: str) -> list[tuple[int, np.ndarray]]:
         return [(s, v[name]) for s, v in self.logged if name in v]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -18,7 +18,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from distnet import steptable
+from conftest import free_port
+from distnet import steptable, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -34,12 +35,6 @@ def test_cluster_file_passes_rays_validator(name):
     assert "bash ~/distnet/cluster/mlflow_server.sh start ~/mlflow" in raw["head_start_ray_commands"]
     assert any("install" in c and "postgresql" in c for c in raw["head_setup_commands"])
     assert any("pip install" in c and "~/distnet" in c for c in raw["setup_commands"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd, env, timeout=120, check=True):
@@ -88,15 +83,7 @@ def two_node_cluster(tmp_path):
         run(as_second_host([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address",
                             "127.0.0.1", "--num-cpus", "1"]), env)
         uri = f"http://127.0.0.1:{mlflow_port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                MlflowClient(uri).search_experiments()
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
+        tracking.wait_for_server(uri)
         yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}", "mlflow": uri}
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -4,27 +4,20 @@ through it by two trainings at a time."""
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from distnet import launch, metrics, steptable, sweep
+from conftest import free_port
+from distnet import launch, metrics, steptable, sweep, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cluster" / "mlflow_server.sh"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +34,7 @@ def postgres_mlflow():
     try:
         subprocess.run(["bash", str(SCRIPT), "start", str(state)], env=env, check=True, timeout=120)
         uri = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                MlflowClient(uri).search_experiments()
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise AssertionError((state / "mlflow.log").read_text()[-3000:])
-                time.sleep(1)
+        tracking.wait_for_server(uri, log=state / "mlflow.log")
         yield uri
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop", str(state)], env=env, timeout=120)
@@ -70,7 +55,7 @@ def test_postgres_backed_server_takes_a_104_cell_sweep_from_concurrent_trainings
     result = launch.run_sweep(sweep.build_sweep(raw), uri, say=lambda *_: None)
     assert result.trained == 104 and not result.failed
     client = MlflowClient(uri)
-    runs = launch.tracking.child_runs(uri, result.parent_run_id)
+    runs = tracking.child_runs(uri, result.parent_run_id)
     assert len(runs) == 104 and len({r.data.tags["distnet.cell_id"] for r in runs}) == 104
     spans: dict[str, list[int]] = {}
     for r in runs:
