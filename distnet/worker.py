@@ -210,11 +210,12 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
                 steps = torch.arange(pending[0], pending[0] + n, device=env.device).unsqueeze(1)
                 active = (diverged_at < 0) | (steps <= diverged_at)  # a diverged member's rows end at its divergence
                 done = summary.add(pending[0], rows, active)
-                host = rows.cpu().numpy()
-                sink.log_steps(pending, {name: host[:, :, j] for j, name in enumerate(names)}, active.cpu().numpy())
+                host = rows.cpu().numpy()  # the interval's one copy of its rows to the host
+                sink.log_steps(pending, {name: host[:, :, j] for j, name in enumerate(names)},
+                               (div < 0) | (np.array(pending)[:, None] <= div))
                 log_intervals(done, div)
-            sink.progress({"step": pending[-1] + 1, "total_steps": total_steps,
-                           "loss": float(np.nanmean(losses[-1].cpu().numpy()))})
+            last_loss = host[-1, :, S] if names else losses[-1].cpu().numpy()
+            sink.progress({"step": pending[-1] + 1, "total_steps": total_steps, "loss": float(np.nanmean(last_loss))})
         pending.clear()
 
     def log_intervals(done: list, div: np.ndarray) -> None:
