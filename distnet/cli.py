@@ -1,4 +1,4 @@
-"""`distnet` command line: train, sweep, report, list, data download / verify."""
+"""`distnet` command line: train, sweep, report, meanfield, list, data download / verify."""
 
 from __future__ import annotations
 
@@ -62,6 +62,49 @@ def _report(args) -> int:
     return 0
 
 
+def _meanfield(args) -> int:
+    from distnet import meanfield
+
+    values = [v for group in args.sigma_w2 for v in group]
+    print(f"{args.activation}, W ~ N(0, sigma_w^2 / n_in), b ~ N(0, sigma_b^2); 6 xi_c: the depth below which "
+          "it trains (Schoenholz et al. 2017)")
+    print(meanfield.table([meanfield.mean_field(args.activation, v, args.sigma_b2) for v in values]))
+    try:
+        crit = meanfield.critical_sigma_w2(args.activation, args.sigma_b2)
+        print(f"order to chaos (chi_1 = 1) at sigma_w^2 = {crit:.4f} for sigma_b^2 = {args.sigma_b2:g}")
+    except ValueError as e:
+        print(f"no order-to-chaos transition found: {e}")
+    return 0
+
+
+def _sigma_w2_values(text: str) -> list[float]:
+    """"1.5" or "START:STOP:N" (N evenly spaced values, both ends included)."""
+    try:
+        parts = [float(p) for p in text.split(":")]
+        if len(parts) == 3 and parts[2] == int(parts[2]) and parts[2] >= 2:
+            start, stop, n = parts
+            values = [start + (stop - start) * i / (n - 1) for i in range(int(n))]
+        elif len(parts) == 1:
+            values = parts
+        else:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number or START:STOP:N (N >= 2)") from None
+    if min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: sigma_w^2 must be > 0")
+    return values
+
+
+def _sigma_b2_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: sigma_b^2 must be a number >= 0")
+    return value
+
+
 def _list(args) -> int:
     print(registry.describe())
     return 0
@@ -106,6 +149,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default reports/<name>)")
     r.add_argument("--tracking-uri", help="as for train")
     r.set_defaults(func=_report)
+
+    m = sub.add_parser("meanfield", help="mean-field theory of a random deep network: q*, c*, chi_1, xi_c, 6 xi_c")
+    m.add_argument("--activation", default="tanh", choices=list(registry.ACTIVATIONS))
+    m.add_argument("--sigma-w2", type=_sigma_w2_values, nargs="+", required=True,
+                   help="weight variance(s) sigma_w^2 (W ~ N(0, sigma_w^2 / n_in)): values or START:STOP:N")
+    m.add_argument("--sigma-b2", type=_sigma_b2_value, default=0.05, help="bias variance sigma_b^2 (default 0.05)")
+    m.set_defaults(func=_meanfield)
 
     sub.add_parser("list", help="print the registered inits, activations and losses").set_defaults(func=_list)
 

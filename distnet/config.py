@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -357,6 +358,25 @@ def _set_default(d: dict, dotted: str, value) -> None:
     d.setdefault(leaf, value)
 
 
+def _variance_form(section: dict, prefix: str) -> dict:
+    """`sigma_w2` / `sigma_b2`, the variances mean-field theory is written in (W ~ N(0, sigma_w2 / n_in)
+    with a unit-variance scheme such as lecun_normal), become the gains sigma_w / sigma_b they square.
+    Resolved here, at the edge, so everything downstream (members, packing, params) sees one field."""
+    section = dict(section)
+    for std, lowest in (("sigma_w", 0.0), ("sigma_b", None)):
+        var = std + "2"
+        if var not in section:
+            continue
+        value = section.pop(var)
+        if std in section:
+            raise ConfigError(f"{prefix}{var}", value, f"give {prefix}{std} (a std) or {prefix}{var} (its square), "
+                              "not both")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value == lowest:
+            raise ConfigError(f"{prefix}{var}", value, "must be a number " + ("> 0" if lowest == 0.0 else ">= 0"))
+        section[std] = math.sqrt(value)
+    return section
+
+
 def build_config(raw: dict) -> Config:
     """Validate a merged raw mapping into a Config (raises ConfigError)."""
     if not isinstance(raw, dict):
@@ -370,7 +390,10 @@ def build_config(raw: dict) -> Config:
                 raise ConfigError(dotted, value, "nielsen mode needs " + " or ".join(map(str, allowed)))
     if "model" in raw and not isinstance(raw["model"], dict):
         raise ConfigError("model", raw["model"], f"must be a mapping with keys {_field_names(ModelConfig)}")
-    raw["model"] = _resolve_sizes(raw.get("model", {}))
+    raw["model"] = _resolve_sizes(_variance_form(raw.get("model", {}), "model."))
+    if isinstance(raw.get("population"), list):
+        raw["population"] = [_variance_form(m, f"population[{i}].") if isinstance(m, dict) else m
+                             for i, m in enumerate(raw["population"])]
     cfg = build_dataclass(Config, raw)
     batch, workers = cfg.train.batch_size, cfg.ray.num_workers
     if batch % workers:
