@@ -31,10 +31,11 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.collections import QuadMesh  # noqa: E402
 import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from distnet import steptable, tracking  # noqa: E402
+from distnet import meanfield, registry, steptable, tracking  # noqa: E402
 
 
 class ReportError(ValueError):
@@ -55,6 +56,8 @@ class Run:
     series: dict[str, dict[int, float]] = field(default_factory=dict)  # metric -> {epoch: value}
     steps: dict[str, np.ndarray] = field(default_factory=dict)  # its step table's weight-norm columns
     variant: str = ""  # the other settings that vary between the runs, e.g. "train.batch_size=10"
+    sigma_w2: float = 1.0  # the weight gain squared and the bias variance (the scheme's when not set)
+    sigma_b2: float = 0.0
 
     @property
     def group(self) -> tuple[str, str]:
@@ -99,11 +102,25 @@ def find_runs(uri: str, selector: list[str]) -> tuple[list, str | None, str]:
 AXES = {"seed", "model.depth", "model.sizes", "model.init", "model.activation", "name"}
 
 
+def _param(key: str, value: str | None) -> str:
+    """key=value; a gain as the variance mean-field theory is written in (sigma_w^2=1.76, not 1.3266...)."""
+    if key in ("model.sigma_w", "model.sigma_b") and value not in (None, "None"):
+        return f"{key.split('.')[1]}^2={float(value) ** 2:.4g}"
+    return f"{key}={value}"
+
+
 def variants(mlflow_runs: list) -> list[str]:
     """Per run, the params outside AXES whose values differ between the runs, as "key=value"."""
     keys = set().union(*(r.data.params for r in mlflow_runs)) - AXES
     varying = sorted(k for k in keys if len({r.data.params.get(k) for r in mlflow_runs}) > 1)
-    return [" ".join(f"{k}={r.data.params.get(k)}" for k in varying) for r in mlflow_runs]
+    return [" ".join(_param(k, r.data.params.get(k)) for k in varying) for r in mlflow_runs]
+
+
+def _variances(params: dict) -> tuple[float, float]:
+    """(sigma_w^2, sigma_b^2) of a run: its gains squared, the init scheme's bias std when unset."""
+    sigma_b = params.get("model.sigma_b", "None")
+    bias = registry.INITS[params["model.init"]].bias_std if sigma_b == "None" else float(sigma_b)
+    return float(params.get("model.sigma_w", 1.0)) ** 2, bias ** 2
 
 
 def read_runs(uri: str, mlflow_runs: list) -> list[Run]:
@@ -117,6 +134,8 @@ def read_runs(uri: str, mlflow_runs: list) -> list[Run]:
         run = Run(r.info.run_id, tags["activation"], tags["init"], depth, int(tags["seed"]),
                   tags.get("distnet.status") or r.info.status.lower(), metrics.get(acc_key, math.nan),
                   variant=variant)
+        if "model.init" in r.data.params:
+            run.sigma_w2, run.sigma_b2 = _variances(r.data.params)
         for layer in range(1, depth + 1):
             for key in (f"speed/layer_{layer}", f"act/saturated/layer_{layer}", f"act/mean/layer_{layer}",
                         f"act/std/layer_{layer}"):
@@ -149,9 +168,14 @@ def by_group(runs: list[Run]) -> dict[tuple[str, str], dict[int, list[Run]]]:
 def layer_curves(runs: list[Run], metric: str) -> dict[tuple[str, str], dict[int, dict[int, Band]]]:
     """(activation, init) -> depth -> hidden layer -> Band of `metric` ('speed' or
     'act/saturated') over epochs."""
-    return {g: {depth: {l: band([r.series[f"{metric}/layer_{l}"] for r in cell]) for l in range(1, depth + 1)}
-                for depth, cell in depths.items() if depth > 0}
-            for g, depths in by_group(runs).items()}
+    out = {}
+    for g, depths in by_group(runs).items():
+        curves = {depth: {l: band([r.series.get(f"{metric}/layer_{l}", {}) for r in cell]) for l in range(1, depth + 1)}
+                  for depth, cell in depths.items() if depth > 0}
+        curves = {d: layers for d, layers in curves.items() if any(len(b.x) for b in layers.values())}
+        if curves:  # runs without the probe's series (filled by hand, or another tool's) draw nothing
+            out[g] = curves
+    return out
 
 
 def step_curves(runs: list[Run]) -> dict[tuple[str, str], dict[int, dict[int, Band]]]:
@@ -180,7 +204,9 @@ def init_profile(runs: list[Run]) -> dict[tuple[str, str], dict[int, Band]]:
                 continue
             per_seed = [{l: r.series[f"speed/layer_{l}"][0] for l in range(1, depth + 1)
                          if 0 in r.series[f"speed/layer_{l}"]} for r in cell]
-            out[g][depth] = band(per_seed)
+            b = band(per_seed)
+            if len(b.x):
+                out[g][depth] = b
     return out
 
 
@@ -235,6 +261,94 @@ def cell_table(runs: list[Run]) -> list[dict]:
     return rows
 
 
+# Init schemes whose unit-gain weight variance is 1 / n_in: with them, sigma_w^2 is mean-field
+# theory's sigma_w^2 exactly (W ~ N(0, sigma_w^2 / n_in)).
+MEANFIELD_INITS = ("lecun_normal", "nielsen_scaled")
+TRAINED = 0.5  # a cell "trains" when its final accuracy is above this (chance is 0.1)
+
+
+@dataclass
+class TrainabilityMap:
+    """Accuracy over (depth, sigma_w^2) at some epochs (the budgets), for one activation and sigma_b^2."""
+
+    activation: str
+    sigma_b2: float
+    other: str  # the settings besides sigma_w^2 that vary between the runs ("" in a plain map)
+    depths: list[int]
+    sigma_w2: list[float]
+    acc: dict[int, np.ndarray]  # epoch -> [depth, sigma_w^2] mean accuracy over seeds (nan: none)
+    runs: list[Run]
+
+    def bound(self, sigma_w2: float) -> float:
+        return meanfield.mean_field(self.activation, sigma_w2, self.sigma_b2).max_depth
+
+    def agreement(self, epoch: int) -> tuple[int, int, list[dict]]:
+        """(cells whose outcome, accuracy > TRAINED after `epoch` epochs, agrees with depth < 6 xi_c;
+        cells; the ones that disagree). Every run (seed) is a cell of its own."""
+        bounds = {s: self.bound(s) for s in self.sigma_w2}
+        agree, wrong = 0, []
+        for r in self.runs:
+            acc = r.series.get("test/acc", r.series.get("val/acc", {})).get(epoch, math.nan)
+            trained, predicted = acc > TRAINED, r.depth < bounds[r.sigma_w2]
+            if trained == predicted:
+                agree += 1
+            else:
+                wrong.append({"sigma_w2": r.sigma_w2, "depth": r.depth, "seed": r.seed, "acc": acc,
+                              "bound": bounds[r.sigma_w2], "status": r.status})
+        return agree, len(self.runs), wrong
+
+
+def trainability_maps(runs: list[Run]) -> list[TrainabilityMap]:
+    """One map per (activation, sigma_b^2) among runs whose init is mean-field's and whose sigma_w^2
+    varies; budgets: after the first epoch and after the last."""
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for r in runs:
+        if r.init in MEANFIELD_INITS:
+            other = " ".join(v for v in r.variant.split() if not v.startswith(("sigma_w^2=", "sigma_b^2=")))
+            groups[(r.activation, r.sigma_b2, other)].append(r)
+    out = []
+    for (act, sb2, other), cell_runs in sorted(groups.items()):
+        sigmas, depths = sorted({r.sigma_w2 for r in cell_runs}), sorted({r.depth for r in cell_runs})
+        if len(sigmas) < 2:
+            continue
+        series = [r.series.get("test/acc", r.series.get("val/acc", {})) for r in cell_runs]
+        last = max((max(s) for s in series if s), default=0)
+        acc = {}
+        for epoch in sorted({1, last} - {0}):
+            grid = np.full((len(depths), len(sigmas)), np.nan)
+            for i, d in enumerate(depths):
+                for j, sw in enumerate(sigmas):
+                    vals = [s[epoch] for r, s in zip(cell_runs, series) if r.depth == d and r.sigma_w2 == sw
+                            and epoch in s]
+                    if vals:
+                        grid[i, j] = float(np.mean(vals))
+            acc[epoch] = grid
+        out.append(TrainabilityMap(act, sb2, other, depths, sigmas, acc, cell_runs))
+    return out
+
+
+def init_grad_profile(m: TrainabilityMap) -> tuple[int, dict[float, Band]]:
+    """The deepest network's weight-gradient norm at step 0 vs layer (1 .. depth + 1), per sigma_w^2,
+    over seeds, from the step tables: vanishing, flat or exploding with depth."""
+    depth = max(r.depth for r in m.runs if r.steps)
+    out = {}
+    for sw in m.sigma_w2:
+        cell = [r for r in m.runs if r.depth == depth and r.sigma_w2 == sw and r.steps]
+        if cell:
+            out[sw] = band([{l: float(r.steps[f"grad_norm/w/layer_{l}"][0]) for l in range(1, depth + 2)}
+                            for r in cell])
+    return depth, out
+
+
+def per_layer_factor(b: Band) -> float:
+    """The squared gradient norm's growth factor per layer towards the input, from the least-squares
+    slope of log |grad W_l| against l over the hidden layers' weights (the first and the output
+    layer have other fan-ins and are left out). Mean-field theory says chi_1: the backpropagated
+    error's variance is multiplied by chi_1 at every layer (Schoenholz et al. 2017, eq. 17)."""
+    x, y = b.x[1:-1], np.log(b.mean[1:-1])
+    return float(np.exp(-2 * np.polyfit(x, y, 1)[0]))
+
+
 # ---------------------------------------------------------------- drawing
 def _panels(n: int, width: float = 4.2, height: float = 3.4):
     cols = min(n, 4)
@@ -246,8 +360,8 @@ def _panels(n: int, width: float = 4.2, height: float = 3.4):
     return fig, list(axes.flat[:n])
 
 
-def _draw(ax, b: Band, label: str, log: bool, band: bool | None = None) -> None:
-    (line,) = ax.plot(b.x, b.mean, marker="o" if len(b.x) < 12 else None, ms=3, label=label)
+def _draw(ax, b: Band, label: str, log: bool, band: bool | None = None, color=None) -> None:
+    (line,) = ax.plot(b.x, b.mean, marker="o" if len(b.x) < 12 else None, ms=3, label=label, color=color)
     if b.n > 1 if band is None else band:
         ax.fill_between(b.x, b.lo, b.hi, color=line.get_color(), alpha=0.2, linewidth=0)
     if log:
@@ -266,12 +380,17 @@ def layer_figure(curves: dict[int, dict[int, Band]], title: str, ylabel: str, lo
     """One panel per depth, one line per layer, x = epoch (or step)."""
     fig, axes = _panels(len(curves))
     for ax, (depth, layers) in zip(axes, curves.items()):
-        for layer, b in layers.items():
-            _draw(ax, b, f"{line} {layer}", log, band)
+        many = len(layers) > 12  # a legend of dozens of layers hides the plot: a colour ramp instead
+        for k, (layer, b) in enumerate(layers.items()):
+            _draw(ax, b, f"{line} {layer}", log, band, color=plt.get_cmap("viridis")(k / (len(layers) - 1)) if many else None)
         n = next(iter(layers.values())).n
         ax.set(title=f"{depth} hidden layer{'s' * (depth > 1)} ({n} seed{'s' * (n > 1)})", xlabel=x,
                ylabel=ylabel)
-        ax.legend(fontsize=7)
+        if many:
+            ax.text(0.02, 0.02, f"{line} {min(layers)} (dark) to {max(layers)} (light)", transform=ax.transAxes,
+                    fontsize=7)
+        else:
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(title)
     return fig
@@ -308,11 +427,63 @@ def accuracy_figure(grids: dict[str, tuple[list[int], list[str], np.ndarray]], e
     return fig
 
 
+def _edges(v: list[float]) -> np.ndarray:
+    """Cell edges for a non-uniform axis: midpoints between values, half a step beyond the ends."""
+    v = np.asarray(v, dtype=float)
+    if len(v) == 1:
+        return np.array([v[0] - 0.5, v[0] + 0.5])
+    mid = (v[1:] + v[:-1]) / 2
+    return np.concatenate([[2 * v[0] - mid[0]], mid, [2 * v[-1] - mid[-1]]])
+
+
+def trainability_figure(m: TrainabilityMap, eval_name: str):
+    """Per budget: final accuracy over (sigma_w^2, depth), and mean-field theory's 6 xi_c on top."""
+    fig, axes = _panels(len(m.acc), width=5.2, height=4.2)
+    x_edges, y_edges = _edges(m.sigma_w2), _edges(m.depths)
+    fine = np.linspace(x_edges[0], x_edges[-1], 150)
+    bound = np.array([m.bound(s) for s in fine])
+    crit = meanfield.critical_sigma_w2(m.activation, m.sigma_b2) if m.activation in ("tanh",) else None
+    for ax, (epoch, grid) in zip(axes, m.acc.items()):
+        mesh = ax.pcolormesh(x_edges, y_edges, grid * 100, vmin=10, vmax=100, cmap="viridis")
+        ax.plot(fine, np.minimum(bound, y_edges[-1] * 10), color="white", lw=2, label="6 $\\xi_c$ (mean field)")
+        if crit is not None:
+            ax.axvline(crit, color="white", ls=":", lw=1, label=f"$\\chi_1 = 1$ ($\\sigma_w^2$ = {crit:.3f})")
+        ax.set(xlim=(x_edges[0], x_edges[-1]), ylim=(y_edges[0], y_edges[-1]), xlabel="$\\sigma_w^2$",
+               ylabel="hidden layers", title=f"after {epoch} epoch{'s' * (epoch > 1)}")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.colorbar(mesh, ax=axes, label=f"{eval_name} accuracy (%)", shrink=0.8)
+    extra = f", {m.other}" if m.other else ""
+    fig.suptitle(f"Trainability: {m.activation}, $\\sigma_b^2$ = {m.sigma_b2:.3g}{extra}, mean over seeds")
+    return fig
+
+
+def grad_profile_figure(m: TrainabilityMap, depth: int, profile: dict[float, Band]):
+    fig, axes = _panels(1, width=6.5, height=4.2)
+    ax = axes[0]
+    cmap = plt.get_cmap("coolwarm")
+    lo, hi = min(profile), max(profile)
+    for sw, b in profile.items():
+        chi = meanfield.mean_field(m.activation, sw, m.sigma_b2).chi_1
+        (line,) = ax.plot(b.x, b.mean, color=cmap((sw - lo) / ((hi - lo) or 1)),
+                          label=f"$\\sigma_w^2$={sw:.3g} ($\\chi_1$={chi:.3f})")
+        if b.n > 1:
+            ax.fill_between(b.x, b.lo, b.hi, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.set(yscale="log", xlabel="layer (1 = input side)", ylabel="|grad W| at step 0 (global batch)",
+           title=f"{depth} hidden layers: gradient norm per layer at init")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{m.activation}, $\\sigma_b^2$ = {m.sigma_b2:.3g}: vanishing (ordered), flat (critical), "
+                 "exploding (chaotic)")
+    return fig
+
+
 def figure_counts(fig) -> dict:
     """What a figure shows, for the manifest (and the tests): panels, lines and cells per panel."""
     axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    grids = [ax.images[0] if ax.images else next((c for c in ax.collections if isinstance(c, QuadMesh)), None)
+             for ax in axes]  # imshow (regular cells) or pcolormesh (cells at the values' own spacing)
     return {"panels": len(axes), "lines": [len(ax.get_lines()) for ax in axes],
-            "cells": [int(np.size(ax.images[0].get_array())) if ax.images else 0 for ax in axes]}
+            "cells": [int(np.size(g.get_array())) if g is not None else 0 for g in grids]}
 
 
 # ---------------------------------------------------------------- the report
@@ -348,6 +519,13 @@ def write_report(runs: list[Run], out: Path, title: str) -> dict[str, dict]:
     if profiles:
         figures["init_profile.png"] = profile_figure(profiles)
     figures["accuracy.png"] = accuracy_figure(accuracy_grid(runs), eval_name)
+    maps = trainability_maps(runs)
+    for m in maps:
+        name = _slug(f"{m.activation}_{m.sigma_b2:g}{'_' + m.other if m.other else ''}")
+        figures[f"trainability_{name}.png"] = trainability_figure(m, eval_name)
+        depth, profile = init_grad_profile(m)
+        if profile:
+            figures[f"meanfield_grad_profile_{name}.png"] = grad_profile_figure(m, depth, profile)
     manifest = {}
     for name, fig in figures.items():
         manifest[name] = figure_counts(fig)
@@ -373,9 +551,44 @@ def write_report(runs: list[Run], out: Path, title: str) -> dict[str, dict]:
                                   for m, sd in zip(r["mean"], r["std"] if r["std"] is not None else r["mean"]))
             lines.append(f"| {r['activation']} | {r['init']} | {r['depth']} | {r['seeds']} | {per_layer} | "
                          f"{r['ratio']:.3g} |")
+    for m in maps:
+        lines += trainability_lines(m)
     lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in manifest]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return manifest
+
+
+def trainability_lines(m: TrainabilityMap) -> list[str]:
+    """report.md's section on one map: agreement with depth < 6 xi_c per budget, the cells that
+    disagree, and the per-layer gradient factor at init against chi_1."""
+    extra = f", {m.other}" if m.other else ""
+    lines = ["", f"## Trainability vs mean-field theory: {m.activation}, sigma_b^2 = {m.sigma_b2:.3g}{extra}", "",
+             f"A cell trains when its accuracy is above {TRAINED:.0%}; theory (Schoenholz et al. 2017) says it "
+             "trains when its depth is below 6 xi_c (`distnet meanfield`).", "",
+             "| sigma_w^2 | chi_1 | xi_c | 6 xi_c |", "| --- | --- | --- | --- |"]
+    for sw in m.sigma_w2:
+        mf = meanfield.mean_field(m.activation, sw, m.sigma_b2)
+        lines.append(f"| {sw:.4g} | {mf.chi_1:.4f} | {mf.xi_c:.4g} | {mf.max_depth:.4g} |")
+    lines += ["", "| after epoch | cells | agree with theory | fraction |", "| --- | --- | --- | --- |"]
+    disagree = {}
+    for epoch in m.acc:
+        agree, n, wrong = m.agreement(epoch)
+        lines.append(f"| {epoch} | {n} | {agree} | {agree / n:.3f} |")
+        disagree[epoch] = wrong
+    for epoch, wrong in disagree.items():
+        if wrong:
+            lines += ["", f"Cells that disagree after epoch {epoch}:", "",
+                      "| sigma_w^2 | depth | seed | accuracy | 6 xi_c | status |", "| --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {w['sigma_w2']:.4g} | {w['depth']} | {w['seed']} | {_fmt(w['acc'])} | {w['bound']:.4g} | "
+                      f"{w['status']} |" for w in wrong]
+    depth, profile = init_grad_profile(m)
+    if profile:
+        lines += ["", f"Weight-gradient norm at step 0, {depth} hidden layers: x", "",
+                  "| sigma_w^2 | layer 1 / output layer | factor per layer (squared norm) | chi_1 |", "| --- | --- | --- | --- |"]
+        for sw, b in profile.items():
+            lines.append(f"| {sw:.4g} | {b.mean[0] / b.mean[-1]:.3g} | {per_layer_factor(b):.4f} | "
+                         f"{meanfield.mean_field(m.activation, sw, m.sigma_b2).chi_1:.4f} |")
+    return lines
 
 
 def report(uri: str, selector: list[str], out: Path) -> tuple[dict[str, dict], str | None]:

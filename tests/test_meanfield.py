@@ -20,6 +20,8 @@ def test_tanh_order_to_chaos_at_sigma_b2_005_is_near_1_76():
     ordered, chaotic = meanfield.mean_field("tanh", 1.5, 0.05), meanfield.mean_field("tanh", 2.5, 0.05)
     assert ordered.phase == "ordered" and ordered.c_star == 1.0 and ordered.chi_c == ordered.chi_1 < 1
     assert chaotic.phase == "chaotic" and 0 < chaotic.c_star < 1 and chaotic.chi_c < 1 < chaotic.chi_1
+    for mf in (ordered, chaotic):  # the trainability bound is 6 correlation lengths
+        assert mf.max_depth == pytest.approx(-6 / math.log(mf.chi_c), rel=1e-12)
     # xi_c grows without bound towards the transition from both sides.
     xi = [meanfield.mean_field("tanh", s, 0.05).xi_c for s in (1.0, 1.5, 1.7, 1.83, 2.0, 3.0)]
     assert xi[0] < xi[1] < xi[2] and xi[3] > xi[4] > xi[5] and min(xi[2], xi[3]) > 30

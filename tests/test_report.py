@@ -153,3 +153,89 @@ def test_report_on_a_tiny_finished_sweep(ray_cluster, tracking_uri, tmp_path, mo
     client = MlflowClient(tracking_uri)
     logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert {f"report/{name}" for name in expected} <= logged
+
+
+def fill_meanfield(uri: str) -> dict:
+    """tanh, lecun_normal, sigma_b^2 = 0.05 runs over sigma_w^2 {1.0, 1.76, 4.0} x depth {10, 60} x
+    seeds {0, 1}, params as distnet logs them (the gains sigma_w, sigma_b); test/acc known per epoch;
+    a step table whose step-0 weight-gradient norms grow by a known factor per layer."""
+    client = MlflowClient(uri)
+    exp = client.create_experiment("mf")
+    acc, factor = {}, {1.0: 0.8, 1.76: 1.0, 4.0: 1.3}  # squared-norm growth per layer towards the input
+    for sw in (1.0, 1.76, 4.0):
+        for depth in (10, 60):
+            for seed in (0, 1):
+                run = client.create_run(exp, tags={"activation": "tanh", "init": "lecun_normal", "depth": str(depth),
+                                                   "seed": str(seed), "distnet.status": "finished"})
+                a = {1: 0.2 + 0.1 * seed + (0.5 if (sw, depth) != (4.0, 60) else 0.0) + 0.01 * depth,
+                     2: 0.3 + 0.1 * seed + (0.5 if sw == 1.76 or depth == 10 else 0.0)}
+                acc[(sw, depth, seed)] = a
+                params = {"model.init": "lecun_normal", "model.sigma_w": str(math.sqrt(sw)),
+                          "model.sigma_b": str(math.sqrt(0.05)), "model.activation": "tanh", "seed": str(seed),
+                          "model.depth": str(depth)}
+                ms = [Metric("test/acc", a.get(e, 0.1), 0, e) for e in range(3)]
+                client.log_batch(run.info.run_id, metrics=ms,
+                                 params=[mlflow_param(k, v) for k, v in params.items()])
+                norms = {f"grad_norm/w/layer_{l}": np.array([(seed + 1) * factor[sw] ** ((depth + 1 - l) / 2), 1.0])
+                         for l in range(1, depth + 2)}
+                steptable.write_part(client, run.info.run_id, np.array([0, 1]), norms)
+                client.set_terminated(run.info.run_id)
+    return {"experiment": exp, "acc": acc, "factor": factor}
+
+
+def mlflow_param(key, value):
+    from mlflow.entities import Param
+
+    return Param(key, value)
+
+
+def test_trainability_map_against_mean_field_theory(tracking_uri, tmp_path):
+    from distnet import meanfield
+
+    filled = fill_meanfield(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    ids = [r.info.run_id for r in client.search_runs([filled["experiment"]])]
+    runs = report.read_runs(tracking_uri, report.find_runs(tracking_uri, ids)[0])
+    (m,) = report.trainability_maps(runs)
+    assert (m.activation, m.other, m.depths) == ("tanh", "", [10, 60])
+    assert m.sigma_b2 == pytest.approx(0.05) and m.sigma_w2 == pytest.approx([1.0, 1.76, 4.0])
+    assert sorted(m.acc) == [1, 2]  # budgets: after epoch 1 and after the last
+    for (sw, depth, seed), a in filled["acc"].items():
+        if seed == 0:
+            i, j = m.depths.index(depth), [round(s, 9) for s in m.sigma_w2].index(sw)
+            for epoch in (1, 2):
+                assert m.acc[epoch][i, j] == pytest.approx((a[epoch] + filled["acc"][(sw, depth, 1)][epoch]) / 2)
+
+    # Agreement: trained (acc > 0.5) vs depth < 6 xi_c, counted by hand from the numbers above.
+    bounds = {sw: meanfield.mean_field("tanh", sw, 0.05).max_depth for sw in (1.0, 1.76, 4.0)}
+    assert 10 < bounds[1.0] < 60 and 10 < bounds[4.0] < 60 < bounds[1.76]  # both outcomes occur
+    for epoch in (1, 2):
+        agree = sum((a[epoch] > 0.5) == (depth < bounds[sw]) for (sw, depth, _), a in filled["acc"].items())
+        got, n, wrong = m.agreement(epoch)
+        assert (got, n, len(wrong)) == (agree, 12, 12 - agree)
+
+    # What the map draws: the mesh holds the accuracies, the white line is 6 xi_c at its x.
+    fig = report.trainability_figure(m, "test")
+    ax = fig.axes[0]
+    np.testing.assert_allclose(np.asarray(ax.collections[0].get_array()).reshape(2, 3), m.acc[1] * 100)
+    curve = [l for l in ax.get_lines() if "xi" in l.get_label()][0]
+    x, y = curve.get_xdata(), curve.get_ydata()
+    for k in (0, 75, 149):
+        assert y[k] == pytest.approx(min(meanfield.mean_field("tanh", x[k], 0.05).max_depth, ax.get_ylim()[1] * 10))
+
+    # The gradient profile at init: the deepest runs' step-0 norms per layer, mean over seeds, and
+    # the fitted factor per layer is the one written.
+    depth, profile = report.init_grad_profile(m)
+    assert depth == 60
+    for sw, b in profile.items():
+        f = filled["factor"][round(sw, 9)]
+        np.testing.assert_allclose(b.mean, [1.5 * f ** ((61 - l) / 2) for l in range(1, 62)], rtol=1e-5)
+        assert report.per_layer_factor(b) == pytest.approx(f, rel=1e-5)
+
+    manifest = report.write_report(runs, tmp_path / "r", "mf")
+    assert manifest["trainability_tanh_0_05.png"]["cells"] == [6, 6]
+    assert manifest["meanfield_grad_profile_tanh_0_05.png"]["lines"] == [3]
+    text = (tmp_path / "r" / "report.md").read_text()
+    for epoch in (1, 2):
+        got, n, _ = m.agreement(epoch)
+        assert f"| {epoch} | {n} | {got} | {got / n:.3f} |" in text
