@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port
-from distnet import steptable, tracking
+from conftest import RecordingSink, free_port
+from distnet import data, steptable, tracking, worker
+from distnet.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -147,7 +149,9 @@ def test_two_workers_on_two_hosts_equal_one_worker(two_node_cluster, tmp_path):
     """`distnet train` with 2 workers, one per host (the second without MNIST), submitted as a user
     would: `ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml` (its HEAD_IP filled
     in). The gradient all-reduce goes through torch.distributed (the hosts differ), the worker on the
-    second host trains on the arrays the driver read, and the run equals a 1-worker run."""
+    second host trains on the arrays the driver read, and the run equals one process training the
+    same config alone (the worker loop in this process: the 1-worker reference, without a second job
+    and its environment)."""
     c = two_node_cluster
     work = working_dir(tmp_path)
     runtime_env = work / "cluster" / "runtime_env.yaml"
@@ -158,21 +162,23 @@ def test_two_workers_on_two_hosts_equal_one_worker(two_node_cluster, tmp_path):
            "mlflow": {"experiment": "hosts"}, "fault": {"trace": str(tmp_path / "trace")}}
     (work / "hosts.yaml").write_text(yaml.safe_dump(cfg))
     submit(c, work, ["--runtime-env", str(runtime_env)], "python", "-m", "distnet.cli", "train", "hosts.yaml")
-    submit(c, work, ["--runtime-env", str(runtime_env)], "python", "-m", "distnet.cli", "train", "hosts.yaml",
-           "name=one", "ray.num_workers=1", f"fault.trace={tmp_path / 'trace1'}")
     hosts = {r: json.loads((tmp_path / "trace" / f"rank{r}.jsonl").read_text())["host"] for r in (0, 1)}
     assert sorted(hosts.values()) == sorted([socket.gethostname(), NODE2])  # one worker on each host
     client = MlflowClient(c["mlflow"])
     exp = client.get_experiment_by_name("hosts").experiment_id
     (two,) = client.search_runs([exp], "attributes.run_name = 'hosts'")
-    (one,) = client.search_runs([exp], "attributes.run_name = 'one'")
-    assert two.info.status == one.info.status == "FINISHED"
-    assert two.data.tags["distnet.all_reduce"] == "torch" and one.data.tags["distnet.all_reduce"] == "none"
-    t2, t1 = steptable.read(client, two.info.run_id), steptable.read(client, one.info.run_id)
+    assert two.info.status == "FINISHED" and two.data.tags["distnet.all_reduce"] == "torch"
+
+    one_cfg = build_config({**cfg, "ray": {"num_workers": 1}, "fault": {}})
+    sink = RecordingSink()
+    arrays = data.select(data.load_mnist(cfg["data"]["dir"]), "test", 2560, 500)
+    one = worker.train(one_cfg, arrays, worker.WorkerEnv(device=torch.device("cpu")), sink)
+    t2 = steptable.read(client, two.info.run_id)
     np.testing.assert_array_equal(t2["step"], np.arange(20))
-    for name in t1:  # the same trajectory: every step's norms and global batch loss
-        np.testing.assert_allclose(t2[name], t1[name], rtol=1e-5, err_msg=name)
-    assert two.data.metrics["test/acc"] == pytest.approx(one.data.metrics["test/acc"], abs=1e-3)
+    assert [s for s, _ in sink.steps] == list(range(20))
+    for name in sink.steps[0][1]:  # the same trajectory: every step's norms and global batch loss
+        np.testing.assert_allclose(t2[name], [v[name][0] for _, v in sink.steps], rtol=1e-5, err_msg=name)
+    assert two.data.metrics["test/acc"] == pytest.approx(float(one["metrics"]["test/acc"][0]), abs=1e-3)
 
 
 GPU_PLACEMENT = """
