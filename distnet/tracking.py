@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -34,25 +35,26 @@ def resolve_tracking_uri(cli_uri: str | None = None) -> str:
     return uri
 
 
-def wait_for_server(uri: str, timeout: float = 90, log: Path | None = None) -> None:
-    """Until the MLflow server at `uri` answers; past the timeout, fail with the end of its log."""
+def wait_for_server(uri: str, timeout: float = 90, log: Path | None = None, process=None) -> None:
+    """Until the MLflow server at `uri` answers; past the timeout, or once `process` (the server's,
+    if we started it) has exited, fail with the end of its log. Polled with plain requests: the
+    MLflow client retries a refused connection with back-off for minutes."""
     deadline = time.time() + timeout
     while True:
         try:
-            MlflowClient(uri).search_experiments()
-            return
-        except Exception:
-            if time.time() > deadline:
-                raise RuntimeError(f"no MLflow server at {uri}: "
-                                   + (log.read_text()[-3000:] if log and log.exists() else "no log")) from None
-            time.sleep(1)
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline or (process is not None and process.poll() is not None):
+            raise RuntimeError(f"no MLflow server at {uri}: "
+                               + (log.read_text()[-3000:] if log and log.exists() else "no log"))
+        time.sleep(0.5)
 
 
-def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
-
-
-# MLflow 3's UI opens an experiment in its GenAI (traces) view unless told it holds model training.
+# MLflow's own mark of an experiment that holds model training. MLflow 3.17's UI does not go by it
+# when it picks GenAI or model-training pages (a UI mode does, see distnet.ui); other versions may.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
@@ -302,6 +304,17 @@ def sweep_parent(uri: str, experiment: str, name: str, sweep_id: str, params: di
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
         retry_locked(client.log_batch, run.info.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
     return run.info.run_id
+
+
+def find_sweep(uri: str, name: str | None = None, sweep_id: str | None = None):
+    """The newest parent run of a sweep, by its name or its id (`distnet.sweep_id`), in any
+    experiment of the store; None if there is none."""
+    client = MlflowClient(uri)
+    query = "tags.`distnet.kind` = 'sweep'" + (f" and attributes.run_name = '{name}'" if name else "") + \
+        (f" and tags.`distnet.sweep_id` = '{sweep_id}'" if sweep_id else "")
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()], query,
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
 
 
 def child_runs(uri: str, parent_run_id: str) -> list:

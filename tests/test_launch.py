@@ -89,5 +89,5 @@ def test_cli_train_prints_accuracy_run_id_and_ui_command(ray_cluster, tmp_path):
     assert "epoch 1/1" in out and "final test accuracy" in out
     run_id = out.split("MLflow run ")[1].split()[0]
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    assert f"mlflow ui --backend-store-uri {uri}" in out
+    assert f"open the UI: distnet ui {run_id} --tracking-uri {uri}" in out
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
