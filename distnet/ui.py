@@ -122,10 +122,11 @@ def chart_layout(metric_keys: set[str]) -> tuple[list[dict], list[dict]]:
     layer (log y: across depths and inits it spans decades), then every other metric in a section
     per prefix, folded. The UI adds a chart for any metric its config lacks, in an open section:
     listing them all keeps those ~60 charts of a deep grid folded until asked for."""
+    # Two and three charts a row, lower than the UI's default: both sections fit on one screen.
     sections = [{"uuid": "distnet-main", "name": "accuracy and loss", "display": True, "isReordered": False,
-                 "columns": 2},
+                 "columns": 2, "cardHeight": 280},
                 {"uuid": "distnet-grad", "name": "weight-gradient norm per layer (grad_norm/w)", "display": True,
-                 "isReordered": False, "columns": 3}]
+                 "isReordered": False, "columns": 3, "cardHeight": 300}]
     main = [k for k in ("test/acc", "val/acc", "train/loss") if k in metric_keys]
     grads = sorted((k for k in metric_keys if k.startswith("grad_norm/w/layer_")), key=_natural)
     charts = [_line_chart(k, "distnet-main") for k in main] + [_line_chart(k, "distnet-grad", log=True) for k in grads]
@@ -142,8 +143,9 @@ def sweep_view(parent_run_id: str, axes: list[str], axis: str, metric_keys: set[
     charts, sections = chart_layout(metric_keys)
     acc = [f"metrics.`{k}`" for k in ("test/acc", "val/acc") if k in metric_keys]
     return {
-        # Only the cells: the parent run has no curves. A filter (with a sort other than the
-        # start time) also makes the UI list the cells flat instead of folded under their parent.
+        # Only this sweep's cells: not the parent run (no curves) nor the experiment's other
+        # sweeps and trainings. Sorted by anything but the start time, the UI lists them flat
+        # (with it, it folds children under their parent, out of the charts).
         "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'",
         "orderByKey": "tags.`mlflow.runName`",
         "orderByAsc": True,

@@ -24,7 +24,8 @@ from distnet import cli, launch, sweep, ui
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 NO_BROWSER = os.environ.get("DISTNET_NO_BROWSER") == "1"
-SHOTS = os.environ.get("DISTNET_SCREENSHOTS")  # where to keep the screenshots (docs/img when refreshed by hand)
+# Where to keep the screenshots (docs/img when refreshed by hand), resolved before a fixture moves the cwd.
+SHOTS = os.environ.get("DISTNET_SCREENSHOTS") and Path(os.environ["DISTNET_SCREENSHOTS"]).resolve()
 INITS = ["xavier_normal", "he_normal", "lecun_normal"]
 SWEEP = {"name": "ui", "model": {"width": 20}, "train": {"epochs": 2}, "data": {"train_limit": 1280, "eval_limit": 300},
          "ray": {"num_workers": 1}, "mlflow": {"experiment": "ui"},
@@ -78,7 +79,7 @@ def browser():
     opts.binary_location = CHROMIUM
     for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--window-size=1600,1150"]:
+                 "--disable-sync", "--window-size=1600,1300"]:
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     yield driver
@@ -110,8 +111,15 @@ def close_assistant(driver):
 def shot(driver, tmp_path, name):
     time.sleep(1)  # let the last chart finish drawing
     path = Path(SHOTS or tmp_path) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))
     return path
+
+
+def training_pages(text: str) -> bool:
+    """The model-training side of the UI, not its GenAI one (whose menu lists Observability,
+    Sessions, Judges, ... and whose experiment page opens on a traces overview)."""
+    return "Model registry" in text and not {"Observability", "Detect Issues"} & set(text.splitlines())
 
 
 # Per chart card of the runs page's chart view: its title and the runs (trace names) whose line
@@ -187,7 +195,7 @@ def test_sweep_link_charts_every_cell_grouped_by_init(finished_sweep, links, bro
     text = body(browser)
     assert "Group by: model.init" in text and all(f"Group: {init}" in text for init in INITS)
     assert "6 matching runs" in text
-    assert "/runs?" in browser.current_url and "Detect Issues" not in text  # not the GenAI overview
+    assert training_pages(text)
     close_assistant(browser)
     assert shot(browser, tmp_path, "mlflow-ui-sweep.png").stat().st_size > 10_000
 
@@ -209,5 +217,6 @@ def test_run_link_shows_each_layers_gradient_norm(links, browser, tmp_path):
         return "act/mean" not in text and all(f"layer_{i}" in text for i in (1, 2, 3)) and len(lines) == 3
 
     wait(browser, drawn_layers, timeout=60)
+    assert training_pages(body(browser))
     close_assistant(browser)
     assert shot(browser, tmp_path, "mlflow-ui-run.png").stat().st_size > 10_000
