@@ -7,6 +7,7 @@ is given, in batches. So a run exists, with its config, even if training never g
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import urllib.request
@@ -18,7 +19,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from distnet import steptable
-from distnet.config import Config, config_hash, dump_yaml, flatten
+from distnet.config import Config, Member, config_hash, dump_yaml, flatten
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
@@ -83,6 +84,15 @@ def member_tags(cfg: Config, k: int) -> dict[str, str]:
     }
 
 
+def member_name(cfg: Config, k: int) -> str:
+    """A population member's run name: what sets it apart from the others, as a sweep cell's is
+    (`default/init=he_normal,seed=1`), so the UI's tables and chart legends say which is which."""
+    fields = [f.name for f in dataclasses.fields(Member)]
+    varying = [f for f in fields if len({getattr(m, f) for m in cfg.members}) > 1]
+    member = cfg.members[k]
+    return f"{cfg.name}/" + ",".join(f"{f}={getattr(member, f)}" for f in varying) if varying else f"{cfg.name}-m{k}"
+
+
 def create_runs(uri: str, cfg: Config, parent_run_id: str | None = None,
                 extra_tags: list[dict[str, str]] | None = None) -> list[str]:
     """One run per member with its resolved config as params, tags and `config.yaml`; returns ids.
@@ -92,7 +102,7 @@ def create_runs(uri: str, cfg: Config, parent_run_id: str | None = None,
     run_ids = []
     population = len(cfg.members)
     for k in range(population):
-        name = cfg.name if population == 1 else f"{cfg.name}-m{k}"
+        name = cfg.name if population == 1 else member_name(cfg, k)
         tags = member_tags(cfg, k)
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id

@@ -55,6 +55,7 @@ def test_one_epoch_run_is_fully_recorded_in_mlflow(ray_cluster, tracking_uri, tm
     for k, run_id in enumerate(result.run_ids):
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
+        assert run.info.run_name == f"rec/init={['xavier_normal', 'he_normal'][k]},seed={k + 1}"  # what sets it apart
         p, t = run.data.params, run.data.tags
         assert p["model.depth"] == "2" and p["model.activation"] == "tanh" and p["train.batch_size"] == "128"
         assert p["model.init"] == ["xavier_normal", "he_normal"][k] and p["seed"] == str(k + 1)
