@@ -41,7 +41,7 @@ from distnet import tracking
 WORKFLOW = {"workflowType": "machine_learning"}  # the model-training pages, not the GenAI ones
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # the UI's saved views: one experiment tag each
 # The view state is stored deflated and base64'd behind this marker, the UI's own format: a
-# 216-cell grid's chart list is ~35 kB of JSON, an experiment tag holds 20,000 characters.
+# 216-cell grid's view is 40 kB of JSON (75 charts), 2.7 kB so; an experiment tag holds 20,000 characters.
 DEFLATE = "deflate;"
 DEFAULT_AXES = ("model.init", "model.depth")  # what a sweep's cells are grouped by unless told
 
@@ -110,7 +110,7 @@ def _line_chart(key: str, section: str, log: bool = False) -> dict:
     """One line chart of `key` against the step, in the UI's chart-config form. Every field is set:
     one left out falls back to the UI's defaults, whose smoothing draws a curve beside the data."""
     return {"uuid": f"distnet-{key}", "type": "LINE", "metricKey": key, "selectedMetricKeys": [key],
-            "metricSectionId": section, "deleted": False, "isGenerated": True, "runsCountToCompare": 10,
+            "metricSectionId": section, "deleted": False, "isGenerated": True,
             "lineSmoothness": 0, "useGlobalLineSmoothing": False, "useGlobalXaxisKey": False,
             "xAxisKey": "step", "xAxisScaleType": "linear", "selectedXAxisMetricKey": "",
             "scaleType": "log" if log else "linear", "yAxisKey": "metric", "yAxisExpressions": [],
@@ -191,7 +191,7 @@ def sweep_target(uri: str, parent, group_by: str | None = None, aggregate: bool 
 def find(uri: str, selector: str):
     """The MLflow run `selector` names: a sweep config file (the sweep run from it as it is), a
     sweep's name (its newest parent run), or a run id."""
-    if selector.endswith((".yaml", ".yml")) or Path(selector).is_file():
+    if selector.endswith((".yaml", ".yml")):
         from distnet import sweep
 
         sw = sweep.load_sweep(selector)
@@ -221,14 +221,14 @@ def targets(uri: str, selectors: list[str], group_by: str | None = None, aggrega
     return out or [Target("experiments")]
 
 
-def open_hint(uri: str, selectors: list[str], group_by: str | None = None) -> list[str]:
+def open_hint(uri: str, selectors: list[str]) -> list[str]:
     """What train / sweep / report print at their end: the `distnet ui` command, and where the
     store is already served over HTTP, the links themselves."""
-    command = " ".join(["distnet ui", *selectors, "--tracking-uri", uri] + (["--group-by", group_by] if group_by else []))
+    command = " ".join(["distnet ui", *selectors, "--tracking-uri", uri])
     lines = [f"open the UI: {command}"]
     if is_server(uri):
         try:
-            lines += [f"  {t.label}: {t.url(uri)}" for t in targets(uri, selectors, group_by)]
+            lines += [f"  {t.label}: {t.url(uri)}" for t in targets(uri, selectors)]
         except Exception as e:  # the work is done and logged: a link that cannot be made is no failure
             lines.append(f"  (no link: {type(e).__name__}: {e})")
     return lines
