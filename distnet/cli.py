@@ -1,9 +1,11 @@
-"""`distnet` command line: train, sweep, report, meanfield, list, data download / verify."""
+"""`distnet` command line: train, sweep, report, ui, meanfield, list, data download / verify."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import time
 from pathlib import Path
 
 from distnet import registry
@@ -16,7 +18,7 @@ EXIT_BAD_INPUT = 2
 
 def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # before anything starts
-    from distnet import launch, tracking  # heavy imports (Ray, MLflow) only once the config is good
+    from distnet import launch, tracking, ui  # heavy imports (Ray, MLflow) only once the config is good
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     population = len(cfg.members)
@@ -28,7 +30,7 @@ def _train(args) -> int:
     for k, (run_id, acc) in enumerate(zip(result.run_ids, accs)):
         member = f"member {k}: " if population > 1 else ""
         print(f"{member}final {eval_name} accuracy {100 * acc:.2f}%  MLflow run {run_id}")
-    print(f"open the UI: {tracking.ui_command(uri)}")
+    print("\n".join(ui.open_hint(uri, result.run_ids)))
     return 0
 
 
@@ -36,18 +38,19 @@ def _sweep(args) -> int:
     from distnet import sweep
 
     sw = sweep.load_sweep(args.config, args.overrides)  # every cell validated before anything starts
-    from distnet import launch, tracking
+    from distnet import launch, tracking, ui
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     result = launch.run_sweep(sw, uri, data_dir=args.data_dir, address=args.address, force=args.force)
     for r in result.failed:
         print(f"FAILED {r['cell']}: {tracking.short_reason(r['error'])} (run {r['run_id']})")
-    print(f"summary.csv logged to the sweep's parent run {result.parent_run_id}; open the UI: {tracking.ui_command(uri)}")
+    print(f"summary.csv logged to the sweep's parent run {result.parent_run_id}")
+    print("\n".join(ui.open_hint(uri, [result.parent_run_id])))
     return 1 if result.failed else 0
 
 
 def _report(args) -> int:
-    from distnet import report, tracking
+    from distnet import report, tracking, ui
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     out = Path(args.out or Path("reports") / "_".join(args.runs)[:80])
@@ -58,10 +61,37 @@ def _report(args) -> int:
         return EXIT_BAD_INPUT
     print(f"wrote {out / 'report.md'} and {len(manifest)} figures: {', '.join(manifest)}")
     if parent:
-        print(f"logged under report/ of the sweep's parent run {parent}; open the UI: {tracking.ui_command(uri)}")
+        print(f"logged under report/ of the sweep's parent run {parent}")
+        print("\n".join(ui.open_hint(uri, [parent])))
     return 0
 
 
+def _ui(args) -> int:
+    from distnet import tracking, ui
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    try:
+        targets = ui.targets(uri, args.runs, args.group_by, args.aggregate)  # every argument checked first
+    except ui.UIError as e:
+        print(f"distnet: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if ui.is_server(uri):  # someone else's server: nothing to serve
+        for t in targets:
+            print(f"{t.label}: {t.url(uri)}")
+        return 0
+    # The server runs in a session of its own (so that it stops as a whole): Ctrl-C, or a plain
+    # kill of this process, ends this command through serve()'s cleanup, which stops it.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+    try:
+        with ui.serve(uri, args.port) as base:
+            for t in targets:
+                print(f"{t.label}: {t.url(base)}", flush=True)
+            print(f"MLflow UI over {uri} at {base}; Ctrl-C stops it", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
 def _meanfield(args) -> int:
     from distnet import meanfield
 
@@ -149,6 +179,17 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default reports/<name>)")
     r.add_argument("--tracking-uri", help="as for train")
     r.set_defaults(func=_report)
+
+    u = sub.add_parser("ui", help="serve the MLflow UI and print links to a sweep's cells in chart view, or to a run's metrics")
+    u.add_argument("runs", nargs="*", metavar="SWEEP_OR_RUN",
+                   help="a sweep config file, a sweep name (its newest run) or a run id (a sweep's parent run or any run); "
+                        "none: the experiments list")
+    u.add_argument("--group-by", help="grid axis to group a sweep's cells by, e.g. model.depth or depth "
+                                      "(default init, else depth, else the first axis)")
+    u.add_argument("--aggregate", action="store_true", help="chart one line per group (mean, min..max band) instead of one per cell")
+    u.add_argument("--port", type=int, default=0, help="port of the local MLflow server (default a free one)")
+    u.add_argument("--tracking-uri", help="as for train; an http(s) URI is linked to as it is, any other store is served here")
+    u.set_defaults(func=_ui)
 
     m = sub.add_parser("meanfield", help="mean-field theory of a random deep network: q*, c*, chi_1, xi_c, 6 xi_c")
     m.add_argument("--activation", default="tanh", choices=list(registry.ACTIVATIONS))

@@ -83,11 +83,9 @@ def find_runs(uri: str, selector: list[str]) -> tuple[list, str | None, str]:
     client = MlflowClient(uri)
     if len(selector) == 1:
         name = selector[0]
-        parents = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                     f"tags.`distnet.kind` = 'sweep' and attributes.run_name = '{name}'",
-                                     order_by=["attributes.start_time DESC"], max_results=1)
-        if parents:
-            parent = parents[0].info.run_id
+        found = tracking.find_sweep(uri, name=name)
+        if found is not None:
+            parent = found.info.run_id
             return tracking.child_runs(uri, parent), parent, name
     runs = []
     for run_id in selector:

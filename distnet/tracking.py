@@ -7,8 +7,10 @@ is given, in batches. So a run exists, with its config, even if training never g
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +19,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from distnet import steptable
-from distnet.config import Config, config_hash, dump_yaml, flatten
+from distnet.config import Config, Member, config_hash, dump_yaml, flatten
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
@@ -34,25 +36,26 @@ def resolve_tracking_uri(cli_uri: str | None = None) -> str:
     return uri
 
 
-def wait_for_server(uri: str, timeout: float = 90, log: Path | None = None) -> None:
-    """Until the MLflow server at `uri` answers; past the timeout, fail with the end of its log."""
+def wait_for_server(uri: str, timeout: float = 90, log: Path | None = None, process=None) -> None:
+    """Until the MLflow server at `uri` answers; past the timeout, or once `process` (the server's,
+    if we started it) has exited, fail with the end of its log. Polled with plain requests: the
+    MLflow client retries a refused connection with back-off for minutes."""
     deadline = time.time() + timeout
     while True:
         try:
-            MlflowClient(uri).search_experiments()
-            return
-        except Exception:
-            if time.time() > deadline:
-                raise RuntimeError(f"no MLflow server at {uri}: "
-                                   + (log.read_text()[-3000:] if log and log.exists() else "no log")) from None
-            time.sleep(1)
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline or (process is not None and process.poll() is not None):
+            raise RuntimeError(f"no MLflow server at {uri}: "
+                               + (log.read_text()[-3000:] if log and log.exists() else "no log"))
+        time.sleep(0.5)
 
 
-def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
-
-
-# MLflow 3's UI opens an experiment in its GenAI (traces) view unless told it holds model training.
+# MLflow's own mark of an experiment that holds model training. MLflow 3.17's UI does not go by it
+# when it picks GenAI or model-training pages (a UI mode does, see distnet.ui); other versions may.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
@@ -81,6 +84,15 @@ def member_tags(cfg: Config, k: int) -> dict[str, str]:
     }
 
 
+def member_name(cfg: Config, k: int) -> str:
+    """A population member's run name: what sets it apart from the others, as a sweep cell's is
+    (`default/init=he_normal,seed=1`), so the UI's tables and chart legends say which is which."""
+    fields = [f.name for f in dataclasses.fields(Member)]
+    varying = [f for f in fields if len({getattr(m, f) for m in cfg.members}) > 1]
+    member = cfg.members[k]
+    return f"{cfg.name}/" + ",".join(f"{f}={getattr(member, f)}" for f in varying) if varying else f"{cfg.name}-m{k}"
+
+
 def create_runs(uri: str, cfg: Config, parent_run_id: str | None = None,
                 extra_tags: list[dict[str, str]] | None = None) -> list[str]:
     """One run per member with its resolved config as params, tags and `config.yaml`; returns ids.
@@ -90,7 +102,7 @@ def create_runs(uri: str, cfg: Config, parent_run_id: str | None = None,
     run_ids = []
     population = len(cfg.members)
     for k in range(population):
-        name = cfg.name if population == 1 else f"{cfg.name}-m{k}"
+        name = cfg.name if population == 1 else member_name(cfg, k)
         tags = member_tags(cfg, k)
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -302,6 +314,17 @@ def sweep_parent(uri: str, experiment: str, name: str, sweep_id: str, params: di
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
         retry_locked(client.log_batch, run.info.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
     return run.info.run_id
+
+
+def find_sweep(uri: str, name: str | None = None, sweep_id: str | None = None):
+    """The newest parent run of a sweep, by its name or its id (`distnet.sweep_id`), in any
+    experiment of the store; None if there is none."""
+    client = MlflowClient(uri)
+    query = "tags.`distnet.kind` = 'sweep'" + (f" and attributes.run_name = '{name}'" if name else "") + \
+        (f" and tags.`distnet.sweep_id` = '{sweep_id}'" if sweep_id else "")
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()], query,
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
 
 
 def child_runs(uri: str, parent_run_id: str) -> list:

@@ -55,6 +55,7 @@ def test_one_epoch_run_is_fully_recorded_in_mlflow(ray_cluster, tracking_uri, tm
     for k, run_id in enumerate(result.run_ids):
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
+        assert run.info.run_name == f"rec/init={['xavier_normal', 'he_normal'][k]},seed={k + 1}"  # what sets it apart
         p, t = run.data.params, run.data.tags
         assert p["model.depth"] == "2" and p["model.activation"] == "tanh" and p["train.batch_size"] == "128"
         assert p["model.init"] == ["xavier_normal", "he_normal"][k] and p["seed"] == str(k + 1)
@@ -89,5 +90,5 @@ def test_cli_train_prints_accuracy_run_id_and_ui_command(ray_cluster, tmp_path):
     assert "epoch 1/1" in out and "final test accuracy" in out
     run_id = out.split("MLflow run ")[1].split()[0]
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    assert f"mlflow ui --backend-store-uri {uri}" in out
+    assert f"open the UI: distnet ui {run_id} --tracking-uri {uri}" in out
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"

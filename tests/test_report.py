@@ -123,6 +123,7 @@ def test_report_on_a_tiny_finished_sweep(ray_cluster, tracking_uri, tmp_path, mo
     proc = subprocess.run([sys.executable, "-m", "distnet.cli", "report", "--tracking-uri", tracking_uri,
                            "--out", str(out), "tiny"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"open the UI: distnet ui {result.parent_run_id} --tracking-uri {tracking_uri}" in proc.stdout
     expected = {f"{kind}_sigmoid_{init}.png" for kind in ("speed", "saturation", "activation", "grad_norm")
                 for init in ("xavier_normal", "nielsen")} | {"init_profile.png", "accuracy.png", "report.md"}
     assert {p.name for p in out.iterdir()} == expected

@@ -156,6 +156,7 @@ grid: {fault.raise_at_step: [2, null, 50]}  # three trainings; only the first re
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cells: 2 done, 0 running, 0 diverged, 1 failed, 0 waiting" in proc.stdout
     assert "FAILED raise_at_step=2: RuntimeError: fault injection" in proc.stdout
+    assert "open the UI: distnet ui " in proc.stdout and f"--tracking-uri {uri}" in proc.stdout
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("lanefail").experiment_id
     runs = {r.data.tags["fault.raise_at_step"]: r for r in client.search_runs([exp], "tags.`distnet.cell_id` != ''")}

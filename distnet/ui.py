@@ -1,0 +1,276 @@
+"""`distnet ui`: the MLflow UI, opened on what there is to compare.
+
+What MLflow 3.17's web UI takes from where (read from its built JS, checked in headless Chromium
+by tests/test_ui.py):
+- The experiment page's filter and sort are URL parameters (`searchFilter`, `orderByKey`, ...), and
+  so is the view mode (`compareRunsMode=CHART`). Its grouping, chart list, table columns and which
+  runs the charts draw are not: they live in the browser's local storage, or in a *saved view*: an
+  experiment tag `mlflow.sharedViewState.<key>` holding both halves, which the page applies when the
+  URL says `viewStateShareKey=<key>` (what its own "Save view" / "Share" buttons write). So a sweep's
+  link names a saved view that distnet writes with the public client (`set_experiment_tag`).
+- Whether an experiment opens on the GenAI pages (traces, overview) or on the model-training ones
+  follows a UI mode, `workflowType`, which defaults to GenAI whatever the experiment's
+  `mlflow.experimentKind` tag says; the URL parameter `workflowType=machine_learning` sets it.
+- A run's link is its metric page (`.../runs/<id>/model-metrics`), whose charts MLflow lays out
+  itself, one section per metric prefix (`grad_norm/w`, ...).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlencode
+
+from mlflow.tracking import MlflowClient
+
+from distnet import tracking
+
+WORKFLOW = {"workflowType": "machine_learning"}  # the model-training pages, not the GenAI ones
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # the UI's saved views: one experiment tag each
+# The view state is stored deflated and base64'd behind this marker, the UI's own format: a
+# 216-cell grid's view is 40 kB of JSON (75 charts), 2.7 kB so; an experiment tag holds 20,000 characters.
+DEFLATE = "deflate;"
+DEFAULT_AXES = ("model.init", "model.depth")  # what a sweep's cells are grouped by unless told
+
+
+class UIError(ValueError):
+    """A selector that names no sweep or run, or a --group-by that is not one of the sweep's axes."""
+
+
+def run_link(base_url: str, experiment_id: str, run_id: str) -> str:
+    """A run's metric page: its per-layer gradient norms, accuracy and losses over training."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics?{urlencode(WORKFLOW)}"
+
+
+def sweep_link(base_url: str, experiment_id: str, view_key: str) -> str:
+    """The experiment's runs page in chart view, with the saved view `view_key` applied."""
+    query = urlencode({**WORKFLOW, "compareRunsMode": "CHART", "viewStateShareKey": view_key})
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def experiments_link(base_url: str) -> str:
+    return f"{base_url.rstrip('/')}/#/experiments?{urlencode(WORKFLOW)}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one link opens: a sweep's saved view, a run's metric page, or (neither) the experiments."""
+
+    label: str
+    experiment_id: str = ""
+    run_id: str = ""
+    view_key: str = ""
+
+    def url(self, base_url: str) -> str:
+        if self.view_key:
+            return sweep_link(base_url, self.experiment_id, self.view_key)
+        if self.run_id:
+            return run_link(base_url, self.experiment_id, self.run_id)
+        return experiments_link(base_url)
+
+
+# ---------------------------------------------------------------- a sweep's view
+def grid_axes(parent) -> list[str]:
+    """The sweep's grid axes (dotted config keys), from the parent run's `grid.*` params."""
+    return sorted(k[len("grid."):] for k in parent.data.params if k.startswith("grid."))
+
+
+def group_axis(axes: list[str], group_by: str | None, sweep_name: str) -> str:
+    """The axis to group the cells by: `group_by` as a dotted key or its last part (`init`), else
+    init, else depth, else the first axis that is not the seed."""
+    if group_by is None:
+        preferred = [a for a in DEFAULT_AXES if a in axes] + [a for a in axes if a != "seed"] + axes
+        return preferred[0]
+    matches = [a for a in axes if group_by in (a, a.rsplit(".", 1)[-1])]
+    if len(matches) != 1:
+        allowed = ", ".join(a if "." not in a else f"{a} (or {a.rsplit('.', 1)[-1]})" for a in axes)
+        raise UIError(f"--group-by {group_by!r} is not an axis of sweep {sweep_name}'s grid; allowed: {allowed}")
+    return matches[0]
+
+
+def _natural(key: str) -> list:
+    """Sort key that puts layer_10 after layer_9."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+
+def _line_chart(key: str, section: str, log: bool = False) -> dict:
+    """One line chart of `key` against the step, in the UI's chart-config form. Every field is set:
+    one left out falls back to the UI's defaults, whose smoothing draws a curve beside the data."""
+    return {"uuid": f"distnet-{key}", "type": "LINE", "metricKey": key, "selectedMetricKeys": [key],
+            "metricSectionId": section, "deleted": False, "isGenerated": True,
+            "lineSmoothness": 0, "useGlobalLineSmoothing": False, "useGlobalXaxisKey": False,
+            "xAxisKey": "step", "xAxisScaleType": "linear", "selectedXAxisMetricKey": "",
+            "scaleType": "log" if log else "linear", "yAxisKey": "metric", "yAxisExpressions": [],
+            "ignoreOutliers": False, "range": {}}
+
+
+def chart_layout(metric_keys: set[str]) -> tuple[list[dict], list[dict]]:
+    """(charts, sections): accuracy and training loss first, then the weight-gradient norm of each
+    layer (log y: across depths and inits it spans decades), then every other metric in a section
+    per prefix, folded. The UI adds a chart for any metric its config lacks, in an open section:
+    listing them all keeps those ~60 charts of a deep grid folded until asked for."""
+    # Two and three charts a row, lower than the UI's default: both sections fit on one screen.
+    sections = [{"uuid": "distnet-main", "name": "accuracy and loss", "display": True, "isReordered": False,
+                 "columns": 2, "cardHeight": 280},
+                {"uuid": "distnet-grad", "name": "weight-gradient norm per layer (grad_norm/w)", "display": True,
+                 "isReordered": False, "columns": 3, "cardHeight": 300}]
+    main = [k for k in ("test/acc", "val/acc", "train/loss") if k in metric_keys]
+    grads = sorted((k for k in metric_keys if k.startswith("grad_norm/w/layer_")), key=_natural)
+    charts = [_line_chart(k, "distnet-main") for k in main] + [_line_chart(k, "distnet-grad", log=True) for k in grads]
+    for key in sorted(metric_keys - set(main) - set(grads), key=_natural):
+        prefix = key.rsplit("/", 1)[0] if "/" in key else "other"
+        if not any(s["name"] == prefix for s in sections):
+            sections.append({"uuid": f"distnet-{prefix}", "name": prefix, "display": False, "isReordered": False})
+        charts.append(_line_chart(key, f"distnet-{prefix}"))
+    return charts, sections
+
+
+def sweep_view(parent_run_id: str, axes: list[str], axis: str, metric_keys: set[str], aggregate: bool) -> dict:
+    """The saved view's state (search facets and UI state, as the UI saves them) for a sweep's cells."""
+    charts, sections = chart_layout(metric_keys)
+    acc = [f"metrics.`{k}`" for k in ("test/acc", "val/acc") if k in metric_keys]
+    return {
+        # Only this sweep's cells: not the parent run (no curves) nor the experiment's other
+        # sweeps and trainings. Sorted by anything but the start time, the UI lists them flat
+        # (with it, it folds children under their parent, out of the charts).
+        "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        "orderByKey": "tags.`mlflow.runName`",
+        "orderByAsc": True,
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": axis}]},
+        # One line per cell (the runs table groups them); aggregate: one line per group, its
+        # mean, with the min..max band.
+        "useGroupedValuesInCharts": aggregate,
+        "runsHiddenMode": "SHOW_ALL",  # the UI's default draws only the first 10 rows
+        "selectedColumns": acc + [f"tags.`{a}`" for a in axes] + ["tags.`distnet.status`"],
+        "compareRunCharts": charts,
+        "compareRunSections": sections,
+        "isAccordionReordered": True,  # keep the section order above (the UI sorts them otherwise)
+        "hideEmptyCharts": True,
+    }
+
+
+def save_view(client: MlflowClient, experiment_id: str, key: str, name: str, state: dict) -> None:
+    """Store `state` as the experiment's saved view `key`, named `name` in the UI's Views menu."""
+    blob = DEFLATE + base64.b64encode(zlib.compress(json.dumps(state).encode())).decode()
+    now = int(time.time() * 1000)
+    envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": blob}
+    tracking.retry_locked(client.set_experiment_tag, experiment_id, VIEW_TAG_PREFIX + key, json.dumps(envelope))
+
+
+def sweep_target(uri: str, parent, group_by: str | None = None, aggregate: bool = False) -> Target:
+    """Write the sweep's saved view (grouped by `group_by`, validated against its grid) and return
+    its link target. The view key is fixed per sweep and grouping: writing it again replaces it."""
+    name = parent.info.run_name
+    axes = grid_axes(parent)
+    if not axes:
+        raise UIError(f"run {parent.info.run_id} is tagged as a sweep but has no grid.* params")
+    axis = group_axis(axes, group_by, name)
+    cells = tracking.child_runs(uri, parent.info.run_id)
+    metric_keys = set().union(*(r.data.metrics for r in cells)) if cells else set()
+    key = f"distnet-{parent.info.run_id}-{axis}{'-mean' if aggregate else ''}"
+    label = f"sweep {name} ({len(cells)} cells) by {axis}{', group means' if aggregate else ''}"
+    state = sweep_view(parent.info.run_id, axes, axis, metric_keys, aggregate)
+    save_view(MlflowClient(uri), parent.info.experiment_id, key, label, state)
+    return Target(label, parent.info.experiment_id, view_key=key)
+
+
+# ---------------------------------------------------------------- selectors
+def find(uri: str, selector: str):
+    """The MLflow run `selector` names: a sweep config file (the sweep run from it as it is), a
+    sweep's name (its newest parent run), or a run id."""
+    if selector.endswith((".yaml", ".yml")):
+        from distnet import sweep
+
+        sw = sweep.load_sweep(selector)
+        parent = tracking.find_sweep(uri, sweep_id=sw.id)
+        if parent is None:
+            raise UIError(f"sweep {sw.name} ({selector}) has no runs in {uri} yet: `distnet sweep {selector}` first")
+        return parent
+    parent = tracking.find_sweep(uri, name=selector)
+    if parent is not None:
+        return parent
+    try:
+        return MlflowClient(uri).get_run(selector)
+    except Exception as e:  # MLflow raises its own error type per store
+        raise UIError(f"{selector!r} is neither a sweep config, a sweep name nor a run id in {uri}") from e
+
+
+def targets(uri: str, selectors: list[str], group_by: str | None = None, aggregate: bool = False) -> list[Target]:
+    """One link target per selector (a sweep's cells, or a run's metric page); with none, the
+    experiments list. Sweeps' saved views are written here, before any server is started."""
+    out = []
+    for selector in selectors:
+        run = find(uri, selector)
+        if run.data.tags.get("distnet.kind") == "sweep":
+            out.append(sweep_target(uri, run, group_by, aggregate))
+        else:
+            out.append(Target(f"run {run.info.run_name}", run.info.experiment_id, run_id=run.info.run_id))
+    return out or [Target("experiments")]
+
+
+def open_hint(uri: str, selectors: list[str]) -> list[str]:
+    """What train / sweep / report print at their end: the `distnet ui` command, and where the
+    store is already served over HTTP, the links themselves."""
+    command = " ".join(["distnet ui", *selectors, "--tracking-uri", uri])
+    lines = [f"open the UI: {command}"]
+    if is_server(uri):
+        try:
+            lines += [f"  {t.label}: {t.url(uri)}" for t in targets(uri, selectors)]
+        except Exception as e:  # the work is done and logged: a link that cannot be made is no failure
+            lines.append(f"  (no link: {type(e).__name__}: {e})")
+    return lines
+
+
+def is_server(uri: str) -> bool:
+    """An MLflow server's address (its UI is there already), as opposed to a store to serve."""
+    return uri.startswith(("http://", "https://"))
+
+
+# ---------------------------------------------------------------- serving
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(uri: str, port: int = 0, log: Path | None = None) -> Iterator[str]:
+    """The base URL of an MLflow UI over `uri`: the server itself for an http(s) URI, else a local
+    `mlflow server` on loopback (port `port`, or a free one) over that store, stopped on exit."""
+    if is_server(uri):
+        yield uri.rstrip("/")
+        return
+    port = port or free_port()
+    log = log or Path(tempfile.mkstemp(prefix="distnet-ui-", suffix=".log")[1])
+    # Without the job runner (the GenAI judges' queue, eight worker processes): browsing runs needs
+    # none of it, and the server is up in a third of the time. Its own session, so that stopping it
+    # stops its uvicorn worker too.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", uri, "--workers", "1"],
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        tracking.wait_for_server(base, log=log, process=server)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
