@@ -117,6 +117,14 @@ def c_map(g: Gauss, q: float, c: float, sigma_w2: float, sigma_b2: float) -> flo
     return (sigma_w2 * g.mean2(a1 * a2) + sigma_b2) / g.q_next(q, sigma_w2, sigma_b2)
 
 
+def bisect(f, lo: float, hi: float, steps: int = 50) -> float:
+    """The root of an increasing f between lo (f <= 0) and hi (f > 0), to (hi - lo) / 2^steps."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) <= 0 else (lo, mid)
+    return (lo + hi) / 2
+
+
 def mean_field(activation: str, sigma_w2: float, sigma_b2: float, nodes: int = NODES) -> MeanField:
     """q*, c*, chi_1, chi_c of one (activation, sigma_w^2, sigma_b^2)."""
     if sigma_w2 <= 0 or sigma_b2 < 0:
@@ -129,15 +137,9 @@ def mean_field(activation: str, sigma_w2: float, sigma_b2: float, nodes: int = N
     if chi_1 > 1:
         # c = 1 is unstable: the stable c* < 1 is the root of c_map(c) - c below 1 (the map is
         # increasing in c with c_map(-1) >= -1, and it lies under the diagonal just below 1).
-        lo, hi = -1.0, 1.0 - 1e-9
-        if c_map(g, q, hi, sigma_w2, sigma_b2) < hi:
-            for _ in range(50):  # to 1e-15
-                mid = (lo + hi) / 2
-                if c_map(g, q, mid, sigma_w2, sigma_b2) >= mid:
-                    lo = mid
-                else:
-                    hi = mid
-            c_star = (lo + hi) / 2
+        top = 1.0 - 1e-9
+        if c_map(g, q, top, sigma_w2, sigma_b2) < top:
+            c_star = bisect(lambda c: c - c_map(g, q, c, sigma_w2, sigma_b2), -1.0, top)
     _, d1, _, d2 = g.pair(q, c_star)
     chi_c = sigma_w2 * g.mean2(d1 * d2)
     return MeanField(activation, sigma_w2, sigma_b2, q_star, c_star, chi_1, chi_c)
@@ -148,10 +150,7 @@ def critical_sigma_w2(activation: str, sigma_b2: float, lo: float = 0.5, hi: flo
     f = lambda s: mean_field(activation, s, sigma_b2).chi_1 - 1  # noqa: E731
     if f(lo) > 0 or f(hi) < 0:
         raise ValueError(f"{activation}: chi_1 = 1 is not between sigma_w^2 = {lo} and {hi}")
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
-    return (lo + hi) / 2
+    return bisect(f, lo, hi)
 
 
 def table(rows: list[MeanField]) -> str:

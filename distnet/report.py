@@ -581,7 +581,9 @@ def trainability_lines(m: TrainabilityMap) -> list[str]:
                       f"{w['status']} |" for w in wrong]
     depth, profile = init_grad_profile(m)
     if profile:
-        lines += ["", f"Weight-gradient norm at step 0, {depth} hidden layers: x", "",
+        lines += ["", f"Weight-gradient norm at step 0, {depth} hidden layers: layer 1's over the output layer's, and the "
+                  "squared norm's growth factor per layer towards the input (a fit over the hidden layers) against "
+                  "chi_1.", "",
                   "| sigma_w^2 | layer 1 / output layer | factor per layer (squared norm) | chi_1 |", "| --- | --- | --- | --- |"]
         for sw, b in profile.items():
             lines.append(f"| {sw:.4g} | {b.mean[0] / b.mean[-1]:.3g} | {per_layer_factor(b):.4f} | "
