@@ -23,6 +23,7 @@ the number of nodes; the even node count puts none on relu's kink at 0).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -125,6 +126,7 @@ def bisect(f, lo: float, hi: float, steps: int = 50) -> float:
     return (lo + hi) / 2
 
 
+@functools.lru_cache(maxsize=4096)  # a report asks for the same few points from its map, table and figures
 def mean_field(activation: str, sigma_w2: float, sigma_b2: float, nodes: int = NODES) -> MeanField:
     """q*, c*, chi_1, chi_c of one (activation, sigma_w^2, sigma_b^2)."""
     if sigma_w2 <= 0 or sigma_b2 < 0:

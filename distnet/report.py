@@ -64,6 +64,11 @@ class Run:
         """(activation, init and variant): what one figure panel set or heatmap column shows."""
         return self.activation, f"{self.init} {self.variant}".strip()
 
+    @property
+    def acc_series(self) -> dict[int, float]:
+        """Accuracy by epoch: on the test set, or on the validation set where the run used one."""
+        return self.series.get("test/acc", self.series.get("val/acc", {}))
+
 
 @dataclass
 class Band:
@@ -286,7 +291,7 @@ class TrainabilityMap:
         bounds = {s: self.bound(s) for s in self.sigma_w2}
         agree, wrong = 0, []
         for r in self.runs:
-            acc = r.series.get("test/acc", r.series.get("val/acc", {})).get(epoch, math.nan)
+            acc = r.acc_series.get(epoch, math.nan)
             trained, predicted = acc > TRAINED, r.depth < bounds[r.sigma_w2]
             if trained == predicted:
                 agree += 1
@@ -309,7 +314,7 @@ def trainability_maps(runs: list[Run]) -> list[TrainabilityMap]:
         sigmas, depths = sorted({r.sigma_w2 for r in cell_runs}), sorted({r.depth for r in cell_runs})
         if len(sigmas) < 2:
             continue
-        series = [r.series.get("test/acc", r.series.get("val/acc", {})) for r in cell_runs]
+        series = [r.acc_series for r in cell_runs]
         last = max((max(s) for s in series if s), default=0)
         acc = {}
         for epoch in sorted({1, last} - {0}):
@@ -328,7 +333,9 @@ def trainability_maps(runs: list[Run]) -> list[TrainabilityMap]:
 def init_grad_profile(m: TrainabilityMap) -> tuple[int, dict[float, Band]]:
     """The deepest network's weight-gradient norm at step 0 vs layer (1 .. depth + 1), per sigma_w^2,
     over seeds, from the step tables: vanishing, flat or exploding with depth."""
-    depth = max(r.depth for r in m.runs if r.steps)
+    depth = max((r.depth for r in m.runs if r.steps), default=None)
+    if depth is None:  # trained with train.step_norms false: no step tables to draw from
+        return 0, {}
     out = {}
     for sw in m.sigma_w2:
         cell = [r for r in m.runs if r.depth == depth and r.sigma_w2 == sw and r.steps]
@@ -440,7 +447,10 @@ def trainability_figure(m: TrainabilityMap, eval_name: str):
     x_edges, y_edges = _edges(m.sigma_w2), _edges(m.depths)
     fine = np.linspace(x_edges[0], x_edges[-1], 150)
     bound = np.array([m.bound(s) for s in fine])
-    crit = meanfield.critical_sigma_w2(m.activation, m.sigma_b2) if m.activation in ("tanh",) else None
+    try:
+        crit = meanfield.critical_sigma_w2(m.activation, m.sigma_b2)
+    except ValueError:  # no order-to-chaos point for this activation and sigma_b^2
+        crit = None
     for ax, (epoch, grid) in zip(axes, m.acc.items()):
         mesh = ax.pcolormesh(x_edges, y_edges, grid * 100, vmin=10, vmax=100, cmap="viridis")
         ax.plot(fine, np.minimum(bound, y_edges[-1] * 10), color="white", lw=2, label="6 $\\xi_c$ (mean field)")

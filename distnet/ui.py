@@ -248,11 +248,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(uri: str, port: int = 0, log: Path | None = None) -> Iterator[str]:
-    """The base URL of an MLflow UI over `uri`: the server itself for an http(s) URI, else a local
-    `mlflow server` on loopback (port `port`, or a free one) over that store, stopped on exit."""
-    if is_server(uri):
-        yield uri.rstrip("/")
-        return
+    """The base URL of a local `mlflow server` on loopback (port `port`, or a free one) over the store
+    `uri`, stopped on exit. (A server's own URI needs none: `is_server`.)"""
     port = port or free_port()
     log = log or Path(tempfile.mkstemp(prefix="distnet-ui-", suffix=".log")[1])
     # Without the job runner (the GenAI judges' queue, eight worker processes): browsing runs needs

@@ -56,6 +56,8 @@ class RecordingSink:
 
 
 def free_port() -> int:
+    # distnet.ui.free_port's twin: importing that would import MLflow, which this file keeps out
+    # (tests/test_gpu.py runs on hosts with torch alone).
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from distnet import collective
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, out: str, shape: tuple[int, int]) -> None:
@@ -43,7 +37,7 @@ def _rank(rank: int, world: int, port: int, out: str, shape: tuple[int, int]) ->
 
 def run_ranks(world: int, shape: tuple[int, int], out: Path) -> list[dict]:
     """`world` real processes all-reducing 50 random [shape] gradients with ray.all_reduce auto."""
-    mp.spawn(_rank, args=(world, _free_port(), str(out), shape), nprocs=world, join=True)
+    mp.spawn(_rank, args=(world, free_port(), str(out), shape), nprocs=world, join=True)
     outs = [torch.load(out / f"rank{r}.pt") for r in range(world)]
     for step in range(50):
         for o in outs:
