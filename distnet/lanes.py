@@ -10,6 +10,7 @@ the critical path of every training's start-up.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 
 import ray
@@ -32,28 +33,52 @@ class ProgressBoard:
 @ray.remote(num_cpus=0)
 class JobQueue:
     """Hands jobs to lanes: each entry is (reference to the job, the job's MLflow run ids). Every rank
-    of a lane asks for its lane's n-th job and gets the same reference; rank 0 marks it done. A job
-    taken and not done is in flight: what a failed trainer was on."""
+    of a lane asks for its lane's n-th job and gets the same reference; rank 0 marks it done with
+    its cells' summary rows. A job taken and not done is in flight: what a failed trainer was on.
 
-    def __init__(self, entries: list[tuple[ray.ObjectRef, list[str]]]):
+    The driver puts jobs in as it creates their runs and closes the queue after the last, so the
+    lanes train while later jobs are being made. Both sides wait here (an async actor: a waiting
+    call holds no thread): `take` until there is a job or the queue is closed, `put` while `ahead`
+    jobs are already waiting (the runs of a killed driver's sweep are then few, not thousands)."""
+
+    def __init__(self, entries: list[tuple[ray.ObjectRef, list[str]]] = (), ahead: int = 0):
         self.waiting = deque(entries)
+        self.ahead = ahead or len(self.waiting) or 1
+        self.closed = bool(entries)  # a queue made with its jobs takes no more
+        self.changed = asyncio.Condition()
         self.taken: dict[tuple[int, int], ray.ObjectRef | None] = {}
         self.in_flight: dict[int, tuple[int, list[str]]] = {}  # lane -> (seq, run ids)
-        self.outcomes: list[dict] = []
+        self.outcomes: list[dict] = []  # per job: its cells, and its error or how many diverged
+        self.rows: list[dict] = []  # every trained cell's summary row
 
-    def take(self, lane: int, seq: int) -> ray.ObjectRef | None:
-        if (lane, seq) not in self.taken:
-            ref, run_ids = self.waiting.popleft() if self.waiting else (None, None)
-            self.taken[(lane, seq)] = ref
-            if ref is not None:
-                self.in_flight[lane] = (seq, run_ids)
-        return self.taken[(lane, seq)]
+    async def put(self, entry: tuple[ray.ObjectRef, list[str]]) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: len(self.waiting) < self.ahead)
+            self.waiting.append(entry)
+            self.changed.notify_all()
 
-    def done(self, lane: int, seq: int, outcome: dict) -> None:
+    async def close(self) -> None:
+        async with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    async def take(self, lane: int, seq: int) -> ray.ObjectRef | None:
+        async with self.changed:
+            if (lane, seq) not in self.taken:
+                await self.changed.wait_for(lambda: self.waiting or self.closed)
+                ref, run_ids = self.waiting.popleft() if self.waiting else (None, None)
+                self.taken[(lane, seq)] = ref
+                if ref is not None:
+                    self.in_flight[lane] = (seq, run_ids)
+                self.changed.notify_all()
+            return self.taken[(lane, seq)]
+
+    def done(self, lane: int, seq: int, rows: list[dict]) -> None:
         """Idempotent: a restarted lane may report a job it had finished before dying."""
         if lane in self.in_flight and self.in_flight[lane][0] == seq:
             _, run_ids = self.in_flight.pop(lane)
-            self.outcomes.append({"cells": len(run_ids), **outcome})
+            self.outcomes.append({"cells": len(run_ids), "diverged": sum(r["status"].startswith("diverged") for r in rows)})
+            self.rows += rows
 
     def fail_in_flight(self, lane: int, error: str) -> list[str] | None:
         """The lane's trainer died: its job counts as failed (its run ids are returned); the lane's
@@ -63,8 +88,19 @@ class JobQueue:
             return None
         _, run_ids = self.in_flight.pop(lane)
         self.outcomes.append({"cells": len(run_ids), "error": error})
+        nan = float("nan")
+        self.rows += [{"status": "failed", "acc": nan, "ratio_init": nan, "ratio_end": nan, "run_id": run_id,
+                       "error": error} for run_id in run_ids]
         return run_ids
 
     def status(self) -> dict:
-        return {"waiting": len(self.waiting), "outcomes": list(self.outcomes),
-                "running": sum(len(ids) for _, ids in self.in_flight.values())}
+        """Counts of cells: done, diverged, failed, running; and whether more jobs may come."""
+        failed = sum(o["cells"] for o in self.outcomes if "error" in o)
+        diverged = sum(o.get("diverged", 0) for o in self.outcomes)
+        return {"done": sum(o["cells"] for o in self.outcomes) - failed - diverged, "diverged": diverged,
+                "failed": failed, "running": sum(len(ids) for _, ids in self.in_flight.values()),
+                "more": bool(self.waiting) or not self.closed}
+
+    def results(self) -> list[dict]:
+        """The summary rows of every cell trained (MlflowSink.close's) or failed, with their run ids."""
+        return self.rows

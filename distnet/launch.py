@@ -14,13 +14,14 @@ the lane starts a new trainer for the rest of the queue.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import ray
 import ray.train
 import torch
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from mlflow.entities import RunTag
 from ray.train.torch import TorchTrainer
 
 from distnet import data, download, sweep, tracking, worker
@@ -39,9 +41,13 @@ from distnet.progress import ProgressPrinter
 @dataclass(frozen=True)
 class Job:
     cfg: Config
-    run_ids: list[str]
+    runs: list[tracking.RunRef]
     data: ray.ObjectRef
     resumed: bool = False  # its runs already hold metrics from an earlier (dead) driver
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [r.run_id for r in self.runs]
 
 
 @dataclass
@@ -83,49 +89,47 @@ def _load_checkpoint(ckpt: Checkpoint) -> tuple[dict, dict]:
 
 def _train_loop(loop_config: dict) -> None:
     """Runs in every Ray Train worker of a lane: take jobs until the queue is empty. After a worker
-    failure Ray Train restarts the group here, and the latest checkpoint says where to go on."""
+    failure Ray Train restarts the group here, and the latest checkpoint says where to go on: into
+    the middle of a job, or (done) straight to closing its runs."""
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     env = worker.WorkerEnv(rank, ctx.get_world_size(), ray.train.torch.get_device())
     queue, lane, uri, board = loop_config["queue"], loop_config["lane"], loop_config["tracking_uri"], loop_config["board"]
-    seq, resume = 0, None
+    seq, resume, done = 0, None, False
     if (ckpt := ray.train.get_checkpoint()) is not None:
         meta, resume = _load_checkpoint(ckpt)
-        seq = meta["seq"]
-        if meta["done"]:  # the job finished; make sure its runs were closed, then take the next
-            if rank == 0:
-                job = ray.get(ray.get(queue.take.remote(lane, seq)))
-                _close_job(uri, queue, lane, seq, job, resume)
-            seq, resume = seq + 1, None
+        seq, done = meta["seq"], meta["done"]
     while (ref := ray.get(queue.take.remote(lane, seq))) is not None:
         job = ray.get(ref)
-        (arrays,) = ray.get([job.data])
-        sink = None
+        sink = _open_sink(uri, job, lane, ctx.get_experiment_name(), board, resume) if rank == 0 else None
+        if done:  # trained before the restart; its last records are in the checkpoint
+            state = resume
+        else:
+            (arrays,) = ray.get([job.data])
+            # As many torch threads as the CPUs the worker reserved (Ray leaves torch at 1 here).
+            torch.set_num_threads(max(1, int(job.cfg.ray.cpus_per_worker)))
+            state = worker.train(job.cfg, arrays, env, sink, _committer(rank, seq, sink), resume)
         if rank == 0:
-            sink = tracking.MlflowSink(uri, job.run_ids, on_progress=board and (lambda s: board.update.remote(s)))
-            tracking.tag_runs(uri, job.run_ids, {"distnet.ray_node": ray.get_runtime_context().get_node_id(),
-                                                 "distnet.lane": str(lane), "distnet.trainer": ctx.get_experiment_name()})
-            if resume is not None or job.resumed:
-                # What the dead group had not yet written; and nothing MLflow holds is written again,
-                # even where Ray had not registered the dead group's last checkpoint.
-                sink.restore(resume["unflushed"] if resume is not None else None)
-                tracking.count_restart(uri, job.run_ids)
-                step = resume["step"] if resume is not None else 0
-                tracking.tag_runs(uri, job.run_ids, {"distnet.resumed_from_step": str(step)})
-        # As many torch threads as the CPUs the worker reserved (Ray leaves torch at 1 here).
-        torch.set_num_threads(max(1, int(job.cfg.ray.cpus_per_worker)))
-        out = worker.train(job.cfg, arrays, env, sink, _committer(rank, seq, sink), resume)
-        if rank == 0:
-            _close_job(uri, queue, lane, seq, job, out)
-        seq, resume = seq + 1, None
+            acc_key = f"{'test' if job.cfg.data.split == 'test' else 'val'}/acc"
+            outcome = tracking.Outcome(worker.diverged_members(state["diverged_at"]), state["all_reduce"], acc_key)
+            ray.get(queue.done.remote(lane, seq, sink.close(outcome)))
+        seq, resume, done = seq + 1, None, False
 
 
-def _close_job(uri: str, queue, lane: int, seq: int, job: Job, state: dict) -> None:
-    diverged = worker.diverged_members(state["diverged_at"])
-    # Which gradient all-reduce the training took: none (1 worker), shared_memory or torch.
-    tracking.tag_runs(uri, job.run_ids, {"distnet.all_reduce": state["all_reduce"]})
-    tracking.end_runs(uri, job.run_ids, diverged=diverged)
-    ray.get(queue.done.remote(lane, seq, {"diverged": len(diverged)}))
+def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: dict | None) -> tracking.MlflowSink:
+    """Rank 0's sink for a job's runs. Where the training ran goes with its first records; a job
+    picked up again (after a worker or a driver died) first writes what the dead group had not, and
+    nothing MLflow holds is written again, even where Ray had not registered the group's last
+    checkpoint."""
+    sink = tracking.MlflowSink(uri, job.runs, on_progress=board and (lambda s: board.update.remote(s)),
+                               tags={"distnet.ray_node": ray.get_runtime_context().get_node_id(),
+                                     "distnet.lane": str(lane), "distnet.trainer": trainer})
+    if resume is not None or job.resumed:
+        step = resume["step"] if resume is not None else 0
+        sink.tags.append(RunTag("distnet.resumed_from_step", str(step)))
+        sink.restore(resume["unflushed"] if resume is not None else None)
+        tracking.count_restart(uri, job.run_ids)
+    return sink
 
 
 def _storage_path(path: str) -> str:
@@ -139,8 +143,13 @@ def scaling_config(cfg: Config) -> ScalingConfig:
                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker})
 
 
-def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri: str,
-             board: ray.actor.ActorHandle | None = None, name: str | None = None) -> ray.train.Result:
+def trainer_name(cfg: Config) -> str:
+    """A Ray Train run's name (the `distnet.trainer` tag of the runs it trains): unique per trainer."""
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri: str, name: str,
+             board: ray.actor.ActorHandle | None = None) -> ray.train.Result:
     """One TorchTrainer that trains the queue's jobs until it is empty. `cfg` sets the scaling (every
     job of a lane shares it); with a progress board the driver shows the progress line."""
     # Ray Train polls its workers every 2 s by default, which adds seconds to every short training.
@@ -149,7 +158,7 @@ def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri:
         _train_loop,
         train_loop_config={"queue": queue, "lane": lane, "tracking_uri": tracking_uri, "board": board},
         scaling_config=scaling_config(cfg),
-        run_config=RunConfig(name=name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        run_config=RunConfig(name=name,
                              storage_path=_storage_path(cfg.ray.storage_path),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
     )
@@ -179,22 +188,24 @@ def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, ad
     previous = json.loads(record.read_text()) if record is not None and record.exists() else None
     resumed = bool(previous and previous["config_hash"] == chash and previous["tracking_uri"] == tracking_uri)
     if resumed:
-        run_ids, ray_name = previous["run_ids"], previous["ray_name"]
+        runs, ray_name = [tracking.RunRef(*r) for r in previous["runs"]], previous["ray_name"]
+        run_ids = [r.run_id for r in runs]
         tracking.reopen_runs(tracking_uri, run_ids)
         say(f"resuming the unfinished training {ray_name} into MLflow run(s) {', '.join(run_ids)}")
     else:
-        run_ids = tracking.create_runs(tracking_uri, cfg)
-        ray_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        runs = tracking.create_runs(tracking_uri, cfg)
+        run_ids = [r.run_id for r in runs]
+        ray_name = trainer_name(cfg)
         if record is not None:
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps({"config_hash": chash, "tracking_uri": tracking_uri,
-                                          "run_ids": run_ids, "ray_name": ray_name}))
+                                          "runs": [list(dataclasses.astuple(r)) for r in runs], "ray_name": ray_name}))
     try:
         ensure_ray(address)
-        entries = [(ray.put(Job(cfg, run_ids, ray.put(arrays), resumed)), run_ids)]  # held while it trains
+        entries = [(ray.put(Job(cfg, runs, ray.put(arrays), resumed)), run_ids)]  # held while it trains
         queue = JobQueue.remote(entries)
         board = ProgressBoard.remote() if show_progress else None
-        result = fit_lane(cfg, queue, 0, tracking_uri, board, name=ray_name)
+        result = fit_lane(cfg, queue, 0, tracking_uri, ray_name, board)
         _, state = _load_checkpoint(result.checkpoint)
     except Exception as e:
         tracking.fail_runs(tracking_uri, run_ids, e)
@@ -211,13 +222,14 @@ def _lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri: st
     that fails marks the job it was on FAILED and the lane goes on with a new trainer. A thread rather
     than a Ray task: a task would start one more Python process and import torch, Ray Train and MLflow
     there, seconds of start-up per lane."""
-    while ray.get(queue.status.remote())["waiting"]:
+    while ray.get(queue.status.remote())["more"]:
+        name = trainer_name(cfg)
         try:
-            fit_lane(cfg, queue, lane, tracking_uri)
+            fit_lane(cfg, queue, lane, tracking_uri, name)
         except Exception as e:
             run_ids = ray.get(queue.fail_in_flight.remote(lane, f"{type(e).__name__}: {e}"))
-            if run_ids is not None:
-                tracking.fail_runs(tracking_uri, run_ids, e)
+            if run_ids is not None:  # where it failed, as rank 0 tags what it trains
+                tracking.fail_runs(tracking_uri, run_ids, e, {"distnet.lane": str(lane), "distnet.trainer": name})
 
 
 @dataclass
@@ -240,53 +252,86 @@ def default_concurrency(cfg: Config) -> int:
 
 
 def _progress_line(status: dict, total: int) -> str:
-    failed = sum(o["cells"] for o in status["outcomes"] if "error" in o)
-    diverged = sum(o.get("diverged", 0) for o in status["outcomes"])
-    done = sum(o["cells"] for o in status["outcomes"]) - failed - diverged
-    waiting = total - done - failed - diverged - status["running"]
-    return f"  cells: {done} done, {status['running']} running, {diverged} diverged, {failed} failed, {waiting} waiting"
+    waiting = total - status["done"] - status["failed"] - status["diverged"] - status["running"]
+    return (f"  cells: {status['done']} done, {status['running']} running, {status['diverged']} diverged, "
+            f"{status['failed']} failed, {waiting} waiting")
+
+
+@dataclass
+class Feed:
+    """The driver's producer, run in a thread: each pack's runs created (concurrently), then its job
+    queued, a few jobs ahead of the lanes; the queue closed after the last. It keeps which run each
+    cell got, the jobs' references (held while the lanes train), and an error (the tracking server
+    gone) for the driver to raise once the lanes have stopped."""
+
+    sw: sweep.Sweep
+    groups: list[list[sweep.Cell]]
+    mnist: data.MNIST
+    queue: ray.actor.ActorHandle
+    tracking_uri: str
+    exp_id: str
+    parent: str
+    cell_runs: dict[str, str] = field(default_factory=dict)
+    held: list[ray.ObjectRef] = field(default_factory=list)
+    error: Exception | None = None
+
+    def run(self) -> None:
+        data_refs: dict[tuple, ray.ObjectRef] = {}  # one object-store copy per distinct data selection
+        try:
+            for i, group in enumerate(self.groups):
+                cfg = sweep.population_config(group, f"{self.sw.name}-{i}")
+                key = (cfg.data.split, cfg.data.train_limit, cfg.data.eval_limit)
+                if key not in data_refs:
+                    data_refs[key] = ray.put(data.select(self.mnist, *key))
+                tags = [{"distnet.cell_id": c.id, "mlflow.runName": f"{self.sw.name}/{c.label}",
+                         **{k: str(v) for k, v in c.axes.items()}} for c in group]
+                runs = tracking.create_runs(self.tracking_uri, cfg, self.exp_id, self.parent, tags)
+                self.cell_runs.update((c.id, r.run_id) for c, r in zip(group, runs))
+                self.held.append(ray.put(Job(cfg, runs, data_refs[key])))
+                ray.get(self.queue.put.remote((self.held[-1], [r.run_id for r in runs])))
+        except Exception as e:
+            self.error = e
+        finally:
+            ray.get(self.queue.close.remote())
 
 
 def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, address: str | None = None,
               force: bool = False, say=print) -> SweepResult:
-    """`distnet sweep`: skip finished cells, pack the rest into populations (jobs), run them on
-    concurrent lanes, then summarise every cell from the MLflow store."""
+    """`distnet sweep`: skip finished cells, pack the rest into populations (jobs) whose runs are
+    created while the first ones already train, run them on concurrent lanes, then summarise every
+    cell from what the trainings returned (the finished ones from the listing)."""
     first = sw.cells[0].config
     mnist = download.load_or_fetch(data_dir or first.data.dir, say)
     grid_params = {f"grid.{k}": v for k, v in sw.grid.items()} | {f"sweep.{k}": v for k, v in vars(sw.settings).items()}
-    parent = tracking.sweep_parent(tracking_uri, first.mlflow.experiment, sw.name, sw.id, grid_params)
+    exp_id = tracking.experiment_id(tracking_uri, first.mlflow.experiment)
+    parent = tracking.sweep_parent(tracking_uri, exp_id, sw.name, sw.id, grid_params)
     by_cell: dict[str, list] = {}
     for run in tracking.child_runs(tracking_uri, parent):
         by_cell.setdefault(run.data.tags.get("distnet.cell_id"), []).append(run)
-    todo, stale = [], []
+    todo, stale, finished = [], [], {}
     for cell in sw.cells:
         runs = by_cell.get(cell.id, [])
-        if not force and any(r.info.status == "FINISHED" for r in runs):
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        if done and not force:
+            finished[cell.id] = done[0]
             continue
         stale += runs  # failed, interrupted, or forced: replaced by a fresh run
         todo.append(cell)
+    del by_cell
     tracking.delete_runs(tracking_uri, [r.info.run_id for r in stale])
     groups = sweep.packs(todo, sw.settings.pack)
+    trained: dict[str, dict] = {}
     if groups:
         ensure_ray(address)
         lanes = min(len(groups), sw.settings.max_concurrent or default_concurrency(first))
         say(f"sweep {sw.name}: {len(sw.cells)} cells, {len(sw.cells) - len(todo)} already finished, "
             f"{len(todo)} to train in {len(groups)} job(s) on {lanes} lane(s); MLflow parent run {parent}")
-        data_refs: dict[tuple, ray.ObjectRef] = {}  # one object-store copy per distinct data selection
-        jobs = []
-        for i, group in enumerate(groups):
-            cfg = sweep.population_config(group, f"{sw.name}-{i}")
-            key = (cfg.data.split, cfg.data.train_limit, cfg.data.eval_limit)
-            if key not in data_refs:
-                data_refs[key] = ray.put(data.select(mnist, *key))
-            tags = [{"distnet.cell_id": c.id, "mlflow.runName": f"{sw.name}/{c.label}",
-                     **{k: str(v) for k, v in c.axes.items()}} for c in group]
-            jobs.append(Job(cfg, tracking.create_runs(tracking_uri, cfg, parent, tags), data_refs[key]))
-        entries = [(ray.put(job), job.run_ids) for job in jobs]  # held here while the lanes train
-        queue = JobQueue.remote(entries)
+        queue = JobQueue.remote(ahead=lanes)
+        feed = Feed(sw, groups, mnist, queue, tracking_uri, exp_id, parent)
         # Daemon threads: an interrupted driver exits at once, and Ray ends the trainers it owned.
-        pending = [threading.Thread(target=_lane, args=(first, queue, lane, tracking_uri), daemon=True)
-                   for lane in range(lanes)]
+        pending = [threading.Thread(target=feed.run, daemon=True)]
+        pending += [threading.Thread(target=_lane, args=(first, queue, lane, tracking_uri), daemon=True)
+                    for lane in range(lanes)]
         for t in pending:
             t.start()
         shown = None
@@ -297,12 +342,22 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
             if line != shown:
                 say(line)
                 shown = line
+        if feed.error is not None:
+            raise feed.error
+        by_run = {r["run_id"]: r for r in ray.get(queue.results.remote())}
+        trained = {cell_id: by_run[run_id] for cell_id, run_id in feed.cell_runs.items()}
     else:
         say(f"sweep {sw.name}: all {len(sw.cells)} cells already finished; MLflow parent run {parent}")
     eval_prefix = "test" if first.data.split == "test" else "val"
-    live = {r.data.tags.get("distnet.cell_id"): r for r in tracking.child_runs(tracking_uri, parent)}
-    rows = [{"cell": c.label, **tracking.cell_summary(tracking_uri, live[c.id], len(c.config.sizes) - 1, eval_prefix)}
-            for c in sw.cells]
+    rows = _summary_rows(sw, finished, trained, tracking_uri, eval_prefix)
     tracking.finish_parent(tracking_uri, parent, sweep.summary_csv(rows))
-    say(sweep.summary_table(rows, eval_prefix))
+    say(sweep.summary_table(rows, eval_prefix, sw.cells))
     return SweepResult(parent, rows, len(todo))
+
+
+def _summary_rows(sw: sweep.Sweep, finished: dict, trained: dict[str, dict], uri: str, eval_prefix: str) -> list[dict]:
+    """One row per cell, in grid order: a cell trained now from what its training returned (or its
+    lane's failure), a finished one from its listed run."""
+    return [{"cell": c.label, **(trained[c.id] if c.id in trained else
+                                 tracking.cell_summary(uri, finished[c.id], len(c.config.sizes) - 1, eval_prefix))}
+            for c in sw.cells]

@@ -28,17 +28,16 @@ def part_name(first: int, last: int) -> str:
     return f"steps-{first:09d}-{last:09d}.parquet"
 
 
-def write_part(client: MlflowClient, run_id: str, steps: np.ndarray, columns: dict[str, np.ndarray]) -> None:
-    """One part: `steps` [n] and each column [n], logged to the run's `step_metrics/`."""
+def write_part(folder: Path, steps: np.ndarray, columns: dict[str, np.ndarray]) -> Path:
+    """One part, `steps` [n] and each column [n], as a file in `folder` (the caller uploads it to the
+    run's `step_metrics/`); returns its path."""
     table = pa.table({"step": pa.array(np.asarray(steps, dtype=np.int64)),
                       **{k: pa.array(np.asarray(v, dtype=np.float32)) for k, v in columns.items()}})
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / part_name(int(steps[0]), int(steps[-1]))
-        # Byte-stream split + zstd: the encoding suited to float columns; the step column is a
-        # run of integers, dictionary-encoded.
-        pq.write_table(table, path, compression="zstd", use_dictionary=["step"],
-                       use_byte_stream_split=list(columns))
-        client.log_artifact(run_id, str(path), ARTIFACT_DIR)
+    path = Path(folder) / part_name(int(steps[0]), int(steps[-1]))
+    # Byte-stream split + zstd: the encoding suited to float columns; the step column is a run of
+    # integers, dictionary-encoded.
+    pq.write_table(table, path, compression="zstd", use_dictionary=["step"], use_byte_stream_split=list(columns))
+    return path
 
 
 def read(client: MlflowClient, run_id: str) -> dict[str, np.ndarray]:

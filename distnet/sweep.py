@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from distnet import config as C
 from distnet.config import Config, ConfigError, MemberSpec
 
@@ -124,12 +126,55 @@ def summary_csv(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_table(rows: list[dict], eval_name: str) -> str:
-    """Fixed-width table for the terminal: ratio = |grad W_1| / |grad W_L| at init and at the end."""
+FULL_TABLE_CELLS = 60  # past this many cells the terminal shows per-axis tables; summary.csv has every row
+
+
+def summary_table(rows: list[dict], eval_name: str, cells: list[Cell]) -> str:
+    """For the terminal: every cell's row for a small sweep, else the totals and, per grid axis, one
+    row per value. ratio = |grad W_1| / |grad W_L| at init and at the end."""
+    if len(rows) <= FULL_TABLE_CELLS:
+        return cell_table(rows, eval_name)
+    counts = _status_counts(rows)
+    out = [f"{len(rows)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + "; every cell in summary.csv"]
+    for axis in cells[0].axes:
+        groups: dict = {}
+        for cell, row in zip(cells, rows):
+            groups.setdefault(cell.axes[axis], []).append(row)
+        out += ["", axis_table(axis, groups, eval_name)]
+    return "\n".join(out)
+
+
+def cell_table(rows: list[dict], eval_name: str) -> str:
     width = max([len("cell")] + [len(r["cell"]) for r in rows])
     head = f"{'cell':<{width}}  {'status':<14} {eval_name + ' acc':>9} {'g1/gL init':>11} {'g1/gL end':>11}  run"
     out = [head, "-" * len(head)]
     for r in rows:
         out.append(f"{r['cell']:<{width}}  {r['status']:<14} {100 * r['acc']:>8.2f}% "
                    f"{r['ratio_init']:>11.3g} {r['ratio_end']:>11.3g}  {r['run_id']}")
+    return "\n".join(out)
+
+
+def _status_counts(rows: list[dict]) -> dict[str, int]:
+    counts = {"finished": 0, "diverged": 0, "failed": 0}
+    for r in rows:
+        status = r["status"].split("@")[0]
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def axis_table(axis: str, groups: dict[Any, list[dict]], eval_name: str) -> str:
+    """One row per value of `axis`: its cells' statuses, mean accuracy and median gradient ratios
+    (over the cells that have them)."""
+    width = max([len(axis)] + [len(str(v)) for v in groups])
+    head = (f"{axis:<{width}}  {'cells':>6} {'finished':>8} {'diverged':>8} {'failed':>6} "
+            f"{'mean ' + eval_name + ' acc':>14} {'med g1/gL init':>14} {'med g1/gL end':>14}")
+    out = [head, "-" * len(head)]
+    for value, rows in groups.items():
+        counts = _status_counts(rows)
+        with np.errstate(all="ignore"):
+            acc = np.nanmean([r["acc"] for r in rows]) if any(np.isfinite(r["acc"]) for r in rows) else np.nan
+            ratios = [np.nanmedian(v) if np.isfinite(v).any() else np.nan
+                      for v in (np.array([r[k] for r in rows], dtype=float) for k in ("ratio_init", "ratio_end"))]
+        out.append(f"{str(value):<{width}}  {len(rows):>6} {counts['finished']:>8} {counts['diverged']:>8} "
+                   f"{counts['failed']:>6} {100 * acc:>13.2f}% {ratios[0]:>14.3g} {ratios[1]:>14.3g}")
     return "\n".join(out)

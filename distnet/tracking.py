@@ -1,30 +1,55 @@
-"""MLflow: one run per population member.
+"""MLflow: one run per population member, written in as few requests as the record allows.
 
-The driver decides everything about the runs before any worker starts (experiment, run ids,
-params, tags, config artifact) and ends them afterwards; rank 0 only appends metrics to the ids it
-is given, in batches. So a run exists, with its config, even if training never gets going.
+A cell's record is its run's tags, params, `config.yaml`, interval and epoch metrics, and Parquet
+step table (steptable). Through a tracking server it costs six requests when the training fits in
+one checkpoint interval, three from the driver and three from rank 0, each side's issued for all
+the members of a job at once by a bounded pool of threads:
+- the driver, before the job is queued: `create_run` (every tag it knows, the parent link among
+  them), one `log_batch` of the params, the `config.yaml` upload;
+- rank 0, at each checkpoint: one step-table part upload and one `log_batch` of the metrics (and of
+  the tags it has learnt since: node, lane, trainer); at the end that last `log_batch` also carries
+  the outcome's tags, and `set_terminated` closes the run.
+No request asks for what distnet already knows: a run's artifact location comes with `create_run`
+(so uploads go straight to the artifact repository), the experiment is looked up once, and MLflow's
+"View run" link, which reads the run back, is turned off (distnet prints its own links).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from distnet import steptable
 from distnet.config import Config, Member, config_hash, dump_yaml, flatten
 
+# set_terminated on an HTTP store otherwise reads the run back to print a "View run" link: one
+# more request per run. Read by MLflow at each call, so setting it here covers the driver and rank 0.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 DEFAULT_URI = "sqlite:///mlruns.db"
-MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
+MAX_TAGS_PER_BATCH = 100
 SQLITE = "sqlite:///"
+# Requests in flight at once to a tracking server. A local sqlite store takes one writer at a time
+# (and its requests are CPU, not waiting), so there they go one after another.
+SERVER_CONCURRENCY = 8
+# The sweep summary's gradient ratio, |grad W_1| / |grad W_L| at the first and the last step of the
+# step table: logged with the final metrics, so a rerun summarises finished cells from the listing.
+RATIO_INIT, RATIO_END = "grad_ratio/init", "grad_ratio/end"
+
+T = TypeVar("T")
 
 
 def resolve_tracking_uri(cli_uri: str | None = None) -> str:
@@ -54,12 +79,45 @@ def wait_for_server(uri: str, timeout: float = 90, log: Path | None = None, proc
         time.sleep(0.5)
 
 
+def concurrent(uri: str, fn: Callable[..., T], items: Iterable) -> list[T]:
+    """fn(item) for every item, in order: SERVER_CONCURRENCY at once through a server, one after
+    another into a local store. The first error is raised once every call has ended."""
+    items = list(items)
+    if len(items) <= 1 or not uri.startswith(("http://", "https://")):
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(SERVER_CONCURRENCY, len(items))) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+    return [f.result() for f in futures]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRef:
+    """A run as its writers need it: its id, and where its artifacts go (from create_run, so that
+    no upload has to ask the server again)."""
+
+    run_id: str
+    artifact_uri: str
+
+
+def upload(uri: str, run: RunRef, local_path: str | Path, artifact_dir: str | None = None) -> None:
+    """One file into the run's artifacts: a single request, straight to its artifact repository."""
+    get_artifact_repository(run.artifact_uri, tracking_uri=uri).log_artifact(str(local_path), artifact_dir)
+
+
+def upload_text(uri: str, run: RunRef, text: str, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(text)
+        upload(uri, run, path)
+
+
 # MLflow's own mark of an experiment that holds model training. MLflow 3.17's UI does not go by it
 # when it picks GenAI or model-training pages (a UI mode does, see distnet.ui); other versions may.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
-def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+def experiment_id(uri: str, name: str) -> str:
+    client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -93,28 +151,31 @@ def member_name(cfg: Config, k: int) -> str:
     return f"{cfg.name}/" + ",".join(f"{f}={getattr(member, f)}" for f in varying) if varying else f"{cfg.name}-m{k}"
 
 
-def create_runs(uri: str, cfg: Config, parent_run_id: str | None = None,
-                extra_tags: list[dict[str, str]] | None = None) -> list[str]:
-    """One run per member with its resolved config as params, tags and `config.yaml`; returns ids.
-    Under a sweep, each is a child of `parent_run_id` and carries its cell's `extra_tags`."""
+def create_runs(uri: str, cfg: Config, exp_id: str | None = None, parent_run_id: str | None = None,
+                extra_tags: list[dict[str, str]] | None = None) -> list[RunRef]:
+    """One run per member, each in three requests (create with every tag, params, `config.yaml`),
+    the members' concurrently. Under a sweep, each is a child of `parent_run_id` and carries its
+    cell's `extra_tags`; `exp_id` saves the experiment's lookup (a sweep makes it once)."""
+    exp_id = exp_id or experiment_id(uri, cfg.mlflow.experiment)
     client = MlflowClient(uri)
-    exp_id = _experiment_id(client, uri, cfg.mlflow.experiment)
-    run_ids = []
     population = len(cfg.members)
-    for k in range(population):
+
+    def create(k: int) -> RunRef:
         name = cfg.name if population == 1 else member_name(cfg, k)
         tags = member_tags(cfg, k)
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         tags.update(extra_tags[k] if extra_tags else {})
         run = retry_locked(client.create_run, exp_id, run_name=tags.pop("mlflow.runName", name), tags=tags)
+        ref = RunRef(run.info.run_id, run.info.artifact_uri)
         mc = cfg.member_config(k)
         params = [Param(key, str(v)) for key, v in flatten(mc).items()]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            retry_locked(client.log_batch, run.info.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
-        client.log_text(run.info.run_id, dump_yaml(mc), "config.yaml")
-        run_ids.append(run.info.run_id)
-    return run_ids
+            retry_locked(client.log_batch, ref.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
+        upload_text(uri, ref, dump_yaml(mc), "config.yaml")
+        return ref
+
+    return concurrent(uri, create, range(population))
 
 
 def short_reason(error_text: str) -> str:
@@ -135,61 +196,55 @@ def retry_locked(fn, *args, attempts: int = 8, **kwargs):
             time.sleep(0.2 * 2**i)
 
 
-def end_runs(uri: str, run_ids: list[str], diverged: dict[int, int] | None = None) -> None:
-    """FINISHED, tagged `distnet.status` finished, or diverged with `distnet.diverged_step`."""
-    client = MlflowClient(uri)
-    diverged = diverged or {}
-    for k, run_id in enumerate(run_ids):
-        if k in diverged:
-            tags = [RunTag("distnet.status", "diverged"), RunTag("distnet.diverged_step", str(diverged[k]))]
-        else:
-            tags = [RunTag("distnet.status", "finished")]
-        retry_locked(client.log_batch, run_id, tags=tags)
-        retry_locked(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FINISHED))
-
-
-def tag_runs(uri: str, run_ids: list[str], tags: dict[str, str]) -> None:
-    client = MlflowClient(uri)
-    for run_id in run_ids:
-        retry_locked(client.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-
-
 def reopen_runs(uri: str, run_ids: list[str]) -> None:
     """RUNNING again: a resumed training continues the same runs."""
     client = MlflowClient(uri)
-    for run_id in run_ids:
-        retry_locked(client.update_run, run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    concurrent(uri, lambda run_id: retry_locked(client.update_run, run_id, status=RunStatus.to_string(RunStatus.RUNNING)),
+               run_ids)
 
 
 def count_restart(uri: str, run_ids: list[str]) -> None:
     """`distnet.restarts` += 1 on each run: how often its training resumed from a checkpoint."""
     client = MlflowClient(uri)
-    for run_id in run_ids:
+
+    def bump(run_id: str) -> None:
         n = int(client.get_run(run_id).data.tags.get("distnet.restarts", "0")) + 1
         retry_locked(client.set_tag, run_id, "distnet.restarts", str(n))
 
+    concurrent(uri, bump, run_ids)
 
-def fail_runs(uri: str, run_ids: list[str], error: BaseException) -> None:
-    """FAILED, with the reason as the `distnet.error` tag and an `error.txt` artifact."""
+
+def fail_runs(uri: str, run_ids: list[str], error: BaseException, tags: dict[str, str] | None = None) -> None:
+    """FAILED, with the reason as the `distnet.error` tag and an `error.txt` artifact (and `tags`)."""
     client = MlflowClient(uri)
     reason = f"{type(error).__name__}: {error}"
-    for run_id in run_ids:
+    extra = [RunTag(k, v) for k, v in (tags or {}).items()]
+
+    def fail(run_id: str) -> None:
         client.log_text(run_id, reason, "error.txt")
-        tags = [RunTag("distnet.status", "failed"), RunTag("distnet.error", reason[:5000])]
-        retry_locked(client.log_batch, run_id, tags=tags)
+        retry_locked(client.log_batch, run_id, tags=[RunTag("distnet.status", "failed"),
+                                                     RunTag("distnet.error", reason[:5000])] + extra)
         retry_locked(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FAILED))
+
+    concurrent(uri, fail, run_ids)
 
 
 Row = tuple[str, float, int, int]  # a metric value: key, value, timestamp (ms), step
 
 
-def write_metrics(client: MlflowClient, run_id: str, metrics: list[Row]) -> None:
-    """Append metric values to a run with MLflow's log_batch, 1000 values a call (its limit). Each
-    call is one transaction; values are in step order, so a crash between calls leaves every key
-    holding all its steps up to some step (what MlflowSink.restore relies on)."""
-    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        batch = [Metric(*row) for row in metrics[i:i + MAX_METRICS_PER_BATCH]]
-        retry_locked(client.log_batch, run_id, metrics=batch)
+def write_batches(client: MlflowClient, run_id: str, metrics: list[Row], tags: list[RunTag] = ()) -> None:
+    """Append metric values (and set tags) with MLflow's log_batch, within its 1000 entities a call.
+    Each call is one transaction (so retry_locked never writes one twice); values are in step order,
+    so a crash between calls leaves every key holding all its steps up to some step (what
+    MlflowSink.restore relies on). The tags go with the last call."""
+    chunks = [metrics[i:i + MAX_METRICS_PER_BATCH] for i in range(0, len(metrics), MAX_METRICS_PER_BATCH)]
+    last = chunks.pop() if chunks else []
+    if len(last) + len(tags) > MAX_METRICS_PER_BATCH:
+        chunks, last = chunks + [last], []
+    for chunk in chunks:
+        retry_locked(client.log_batch, run_id, metrics=[Metric(*row) for row in chunk])
+    if last or tags:
+        retry_locked(client.log_batch, run_id, metrics=[Metric(*row) for row in last], tags=list(tags))
 
 
 class StepRows:
@@ -216,20 +271,42 @@ class StepRows:
         self.steps, self.values = [], []
 
 
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a training ended, for closing its runs: members that diverged (member -> step), which
+    all-reduce it took, and the accuracy key its summary reports (`test/acc` or `val/acc`)."""
+
+    diverged: dict[int, int]
+    all_reduce: str
+    acc_key: str
+
+
 class MlflowSink:
     """Rank 0's sink: buffers per-member MLflow metrics and step-table rows and writes them on
-    flush, which the loop calls at each checkpoint (after the checkpoint is committed)."""
+    flush, which the loop calls at each checkpoint (after the checkpoint is committed); `close`
+    writes the rest with the runs' outcome and ends them. Members are written concurrently."""
 
-    def __init__(self, uri: str, run_ids: list[str], on_progress: Callable[[dict], None] | None = None):
+    def __init__(self, uri: str, runs: list[RunRef], on_progress: Callable[[dict], None] | None = None,
+                 tags: dict[str, str] | None = None):
+        self.uri = uri
         self.client = MlflowClient(uri)
-        self.run_ids = run_ids
+        self.runs = runs
         # Plain (key, value, timestamp, step) tuples: an MLflow Metric object per value cost ~12 us
         # a value on the hot path.
-        self.buffers: list[list[Row]] = [[] for _ in run_ids]
+        self.buffers: list[list[Row]] = [[] for _ in runs]
         self.columns: list[str] = []  # the step tables' series, fixed by the first log_steps
-        self.rows = [StepRows() for _ in run_ids]
-        self.written_upto: list[dict[str, int]] = [{} for _ in run_ids]  # filled by restore()
+        self.rows = [StepRows() for _ in runs]
+        # Each member's first and latest step-table row (step, values): the summary's gradient ratio.
+        self.first: list[tuple[int, np.ndarray] | None] = [None] * len(runs)
+        self.latest: list[tuple[int, np.ndarray] | None] = [None] * len(runs)
+        self.written_upto: list[dict[str, int]] = [{} for _ in runs]  # filled by restore()
+        self.latest_values: list[dict[str, float]] = [{} for _ in runs]  # each key's value at its last step
+        self.tags = [RunTag(k, v) for k, v in (tags or {}).items()]  # go with the next log_batch
         self.on_progress = on_progress
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [r.run_id for r in self.runs]
 
     def log(self, step: int, values: dict[str, np.ndarray], active: np.ndarray) -> None:
         ts = int(time.time() * 1000)
@@ -243,9 +320,13 @@ class MlflowSink:
         self.columns = list(columns)
         block = np.stack([np.asarray(v, dtype=np.float32) for v in columns.values()], 2)  # [n, P, C]
         steps = np.asarray(steps, dtype=np.int64)
-        for k in range(len(self.run_ids)):
-            keep = active[:, k]
-            self.rows[k].add(steps[keep], block[keep, k])
+        for k in range(len(self.runs)):
+            keep = np.flatnonzero(active[:, k])
+            if len(keep):
+                self.rows[k].add(steps[keep], block[keep, k])
+                if self.first[k] is None:
+                    self.first[k] = (int(steps[keep[0]]), block[keep[0], k])
+                self.latest[k] = (int(steps[keep[-1]]), block[keep[-1], k])
 
     def progress(self, state: dict) -> None:
         if self.on_progress is not None:
@@ -254,7 +335,7 @@ class MlflowSink:
     def unflushed(self) -> dict:
         """What log() and log_steps() hold that flush() has not written: goes into the checkpoint."""
         return {"metrics": [list(buf) for buf in self.buffers], "columns": list(self.columns),
-                "rows": [r.block() for r in self.rows]}
+                "rows": [r.block() for r in self.rows], "first": list(self.first), "latest": list(self.latest)}
 
     def restore(self, unflushed: dict | None) -> None:
         """After a restart, from a checkpoint: write its unflushed metrics and rows, and from now on
@@ -264,10 +345,13 @@ class MlflowSink:
         checkpoint asynchronously) or died inside a flush; the replayed steps are the same numbers,
         computed again: metrics are not written twice, and a step-table part written again replaces
         itself (steptable)."""
-        for k, run_id in enumerate(self.run_ids):
-            keys = self.client.get_run(run_id).data.metrics.keys()
-            self.written_upto[k] = {key: max(m.step for m in self.client.get_metric_history(run_id, key))
-                                    for key in keys}
+
+        def written(run_id: str) -> tuple[dict[str, int], dict[str, float]]:
+            latest = self.client.get_run(run_id).data.metrics
+            return {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in latest}, latest
+
+        self.written_upto, self.latest_values = map(list, zip(*concurrent(self.uri, written, self.run_ids)))
+        for k in range(len(self.runs)):
             self.buffers[k] = []
             self.rows[k] = StepRows()
             if unflushed is None:
@@ -278,31 +362,80 @@ class MlflowSink:
                 self.rows[k].add(*unflushed["rows"][k])
         if unflushed is not None:
             self.columns = unflushed["columns"]
+            self.first, self.latest = list(unflushed["first"]), list(unflushed["latest"])
         self.flush()
 
     def _append(self, k: int, row: Row) -> None:
         if row[3] > self.written_upto[k].get(row[0], -1):
             self.buffers[k].append(row)
+            self.latest_values[k][row[0]] = row[1]  # a key's rows come in step order
+
+    def _write(self, k: int, end_tags: list[RunTag] = ()) -> None:
+        """Member k's step-table part (one upload) and metrics and tags (one log_batch, more only
+        past MLflow's 1000 values a call)."""
+        block = self.rows[k].block()
+        if block is not None:
+            steps, values = block
+            with tempfile.TemporaryDirectory() as tmp:
+                part = steptable.write_part(Path(tmp), steps, dict(zip(self.columns, values.T)))
+                upload(self.uri, self.runs[k], part, steptable.ARTIFACT_DIR)
+            self.rows[k].clear()
+        write_batches(self.client, self.runs[k].run_id, self.buffers[k], self.tags + list(end_tags))
+        self.buffers[k].clear()
 
     def flush(self, midway: Callable[[], None] | None = None) -> None:
-        for k, (run_id, buf, rows) in enumerate(zip(self.run_ids, self.buffers, self.rows)):
-            block = rows.block()
-            if block is not None:
-                steps, values = block
-                retry_locked(steptable.write_part, self.client, run_id, steps, dict(zip(self.columns, values.T)))
-                rows.clear()
-            write_metrics(self.client, run_id, buf)
-            buf.clear()
-            if k == 0 and midway is not None:
-                midway()
+        """Every member's records, concurrently. `midway` (fault injection) runs once the first
+        member's are written, while the others' may still be in flight."""
+        members = range(len(self.runs))
+        if midway is None:
+            concurrent(self.uri, self._write, members)
+        else:
+            self._write(0)
+            midway()
+            concurrent(self.uri, self._write, members[1:])
+        self.tags = []
+
+    def ratios(self, k: int) -> tuple[float, float]:
+        """Member k's |grad W_1| / |grad W_L| at the first and the latest step of its step table
+        (nan without one: train.step_norms false)."""
+        if self.first[k] is None or "grad_norm/w/layer_1" not in self.columns:
+            return float("nan"), float("nan")
+        n_layers = sum(c.startswith("grad_norm/w/") for c in self.columns)
+        i, j = self.columns.index("grad_norm/w/layer_1"), self.columns.index(f"grad_norm/w/layer_{n_layers}")
+        with np.errstate(all="ignore"):  # a diverged member's last row: inf / inf
+            return tuple(float(np.float64(row[1][i]) / np.float64(row[1][j]))
+                         for row in (self.first[k], self.latest[k]))
+
+    def close(self, outcome: Outcome) -> list[dict]:
+        """The last flush, with each run's outcome tags and summary ratios, then FINISHED: returns
+        each member's summary row (as summary.csv has it, less the cell's name)."""
+        ts = int(time.time() * 1000)
+
+        def end(k: int) -> dict:
+            ratio_init, ratio_end = self.ratios(k)
+            if self.first[k] is not None:
+                self._append(k, (RATIO_INIT, ratio_init, ts, self.first[k][0]))
+                self._append(k, (RATIO_END, ratio_end, ts, self.latest[k][0]))
+            if k in outcome.diverged:
+                status = f"diverged@{outcome.diverged[k]}"
+                tags = [RunTag("distnet.status", "diverged"), RunTag("distnet.diverged_step", str(outcome.diverged[k]))]
+            else:
+                status, tags = "finished", [RunTag("distnet.status", "finished")]
+            self._write(k, tags + [RunTag("distnet.all_reduce", outcome.all_reduce)])
+            retry_locked(self.client.set_terminated, self.runs[k].run_id, RunStatus.to_string(RunStatus.FINISHED))
+            return {"status": status, "acc": self.latest_values[k].get(outcome.acc_key, float("nan")),
+                    "ratio_init": ratio_init, "ratio_end": ratio_end, "run_id": self.runs[k].run_id, "error": ""}
+
+        rows = concurrent(self.uri, end, range(len(self.runs)))
+        self.tags = []
+        return rows
 
 
 # ---------------------------------------------------------------- sweeps
-def sweep_parent(uri: str, experiment: str, name: str, sweep_id: str, params: dict[str, str]) -> str:
+def sweep_parent(uri: str, exp_id: str, name: str, sweep_id: str, params: dict[str, str]) -> str:
     """The sweep's parent run: found by its id tag (a re-run of the same sweep reuses it, RUNNING
     again), else created with the grid as params."""
     client = MlflowClient(uri)
-    exp_id = _experiment_id(client, uri, experiment)
     found = client.search_runs([exp_id], f"tags.`distnet.sweep_id` = '{sweep_id}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
@@ -344,8 +477,7 @@ def child_runs(uri: str, parent_run_id: str) -> list:
 def delete_runs(uri: str, run_ids: list[str]) -> None:
     """Soft-delete (recoverable in the UI): a cell about to be re-run keeps one live run."""
     client = MlflowClient(uri)
-    for run_id in run_ids:
-        retry_locked(client.delete_run, run_id)
+    concurrent(uri, lambda run_id: retry_locked(client.delete_run, run_id), run_ids)
 
 
 def finish_parent(uri: str, run_id: str, summary_csv: str) -> None:
@@ -355,23 +487,25 @@ def finish_parent(uri: str, run_id: str, summary_csv: str) -> None:
 
 
 def cell_summary(uri: str, run, n_layers: int, eval_prefix: str) -> dict:
-    """What a sweep's summary shows of one cell's run: status, final accuracy, and the layer-1 /
-    last-layer weight-gradient-norm ratio at the first and the last step of its step table."""
-    table = steptable.read(MlflowClient(uri), run.info.run_id)
-    first, last = table.get("grad_norm/w/layer_1"), table.get(f"grad_norm/w/layer_{n_layers}")
-
-    def ratio(i):
-        if first is None or last is None or not len(first) or not last[i]:
-            return float("nan")
+    """A listed cell run's summary row, as MlflowSink.close returned it when it trained: status,
+    final accuracy, and the layer-1 / last-layer weight-gradient-norm ratio at the first and the
+    last step of its step table (logged with its final metrics; read from the step table itself for
+    runs recorded before distnet logged it)."""
+    metrics = run.data.metrics
+    if RATIO_INIT in metrics:
+        ratio_init, ratio_end = metrics[RATIO_INIT], metrics[RATIO_END]
+    else:
+        table = steptable.read(MlflowClient(uri), run.info.run_id)
+        first, last = table.get("grad_norm/w/layer_1"), table.get(f"grad_norm/w/layer_{n_layers}")
         with np.errstate(all="ignore"):  # a diverged cell's last row: inf / inf
-            return float(first[i] / last[i])
-
+            ratio_init, ratio_end = ((float(np.float64(first[i]) / np.float64(last[i])) if first is not None
+                                      and len(first) else float("nan")) for i in (0, -1))
     status = run.data.tags.get("distnet.status") or run.info.status.lower()
     return {
         "status": status + (f"@{run.data.tags['distnet.diverged_step']}" if status == "diverged" else ""),
-        "acc": run.data.metrics.get(f"{eval_prefix}/acc", float("nan")),
-        "ratio_init": ratio(0),
-        "ratio_end": ratio(-1),
+        "acc": metrics.get(f"{eval_prefix}/acc", float("nan")),
+        "ratio_init": ratio_init,
+        "ratio_end": ratio_end,
         "run_id": run.info.run_id,
         "error": run.data.tags.get("distnet.error", ""),
     }

@@ -41,7 +41,8 @@ class Sink(Protocol):
         """Where the training is (step, epoch, loss, accuracy), for the driver's progress line."""
 
     def flush(self, midway: Callable[[], None] | None = None) -> None:
-        """Write what log() and log_steps() buffered; called at each checkpoint. `midway`, if given,
+        """Write what log() and log_steps() buffered; called at each checkpoint but the last (the
+        sink's owner writes the rest with the outcome). `midway`, if given,
         is called once the first run's records are written (fault injection)."""
 
 
@@ -131,7 +132,9 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
 
     Every checkpoint interval (and at the end, done=True) every rank calls commit(state, done);
     rank 0's sink is flushed only after commit returns, so what MLflow holds is always covered by a
-    committed checkpoint. `resume` is such a state: training continues from its exact step.
+    committed checkpoint. After the last commit the sink keeps what it holds for its owner, who
+    writes it with the runs' outcome (MlflowSink.close). `resume` is such a state: training
+    continues from its exact step.
     """
     tc, ck = cfg.train, cfg.checkpoint
     d = to_device(arrays, env.device)
@@ -242,7 +245,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
                 "diverged_at": diverged_at.cpu(), "loss_sum": loss_sum.cpu(), "step": step, "epoch": epoch,
                 "final": final, "rng": torch.get_rng_state(),
                 "interval": summary.state() if summary is not None else None, "all_reduce": all_reduce}, done)
-        if sink is not None:
+        if sink is not None and not done:  # the last records go with the runs' outcome: the sink's owner closes it
             kill = _kill_due(cfg, step, env.rank, in_flush=True)
             sink.flush(midway=(lambda: _kill(cfg)) if kill else None)
 
@@ -299,5 +302,6 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
         if ck.unit == "step" or (epoch - 1) % ck.every == 0:
             checkpoint()
     checkpoint(done=True)
-    return {"theta": model.theta.cpu(), "metrics": final, "steps": step, "diverged_at": diverged_at.cpu(),
+    # The same names as the checkpoint's state: a closing rank 0 reads either.
+    return {"theta": model.theta.cpu(), "final": final, "step": step, "diverged_at": diverged_at.cpu(),
             "all_reduce": all_reduce}

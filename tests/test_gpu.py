@@ -106,7 +106,7 @@ def test_cuda_eager_equals_cpu():
     needs_cuda()
     cpu = train(config(False), "cpu")
     cuda = train(config(True), "cuda")
-    assert cuda[0]["steps"] == 20
+    assert cuda[0]["step"] == 20
     assert_same(cuda, cpu, rtol=1e-5)
     assert (cpu[0]["theta"] - worker.init_theta(SIZES, config(False).members)).abs().max() > 1e-2  # it trained
 

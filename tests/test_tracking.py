@@ -31,6 +31,10 @@ def as_mlflow(x: float) -> float:
     return float(np.nan_to_num(x, nan=np.nan, posinf=sys.float_info.max, neginf=-sys.float_info.max))
 
 
+def last_step(table) -> int:
+    return int(table["step"][-1])
+
+
 def test_step_tables_hold_every_step_and_mlflow_their_interval_summaries(mnist, tracking_uri):
     # 30 steps, 7 points a series: intervals of 5 steps; member 1 (relu, lr 1e4) diverges early.
     cfg = build_config({"name": "tables", "model": {"sizes": [784, 30, 30, 10], "activation": "relu"},
@@ -39,11 +43,13 @@ def test_step_tables_hold_every_step_and_mlflow_their_interval_summaries(mnist, 
                         "data": {"train_limit": 1280, "eval_limit": 200},
                         "population": [{"seed": 0, "lr": 0.1}, {"seed": 1, "lr": 1e4}]})
     arrays = data.select(mnist, "test", 1280, 200)
-    run_ids = tracking.create_runs(tracking_uri, cfg)
-    recorded = RecordingSink()
-    out = worker.train(cfg, arrays, worker.WorkerEnv(), Tee(tracking.MlflowSink(tracking_uri, run_ids), recorded))
+    runs = tracking.create_runs(tracking_uri, cfg)
+    run_ids = [r.run_id for r in runs]
+    recorded, sink = RecordingSink(), tracking.MlflowSink(tracking_uri, runs)
+    out = worker.train(cfg, arrays, worker.WorkerEnv(), Tee(sink, recorded))
     diverged = worker.diverged_members(out["diverged_at"])
-    assert out["steps"] == 30 and list(diverged) == [1] and diverged[1] < 25
+    summary = sink.close(tracking.Outcome(diverged, out["all_reduce"], "test/acc"))
+    assert out["step"] == 30 and list(diverged) == [1] and diverged[1] < 25
     client = MlflowClient(tracking_uri)
     names = metrics.step_names(3)
     every = metrics.interval(30, 7)
@@ -72,6 +78,23 @@ def test_step_tables_hold_every_step_and_mlflow_their_interval_summaries(mnist, 
             if k in diverged:  # its last row is the step whose gradient was not finite
                 assert not np.isfinite([table[n][-1] for n in metrics.grad_norm_names(3)]).all()
         assert [m.step for m in client.get_metric_history(run_id, "test/acc")] == list(range(4 if k == 0 else 1))
+        # The sweep summary's row is what the run holds: status, accuracy, the layer-1 / layer-3
+        # gradient ratio at the table's first and last step, logged there at those steps too.
+        run = client.get_run(run_id)
+        first, last = table["grad_norm/w/layer_1"].astype(np.float64), table["grad_norm/w/layer_3"].astype(np.float64)
+        with np.errstate(all="ignore"):
+            expected = {"init": first[0] / last[0], "end": first[-1] / last[-1]}
+        row = summary[k]
+        assert row["run_id"] == run_id and row["status"] == ("finished" if k == 0 else f"diverged@{diverged[k]}")
+        assert run.info.status == "FINISHED" and run.data.tags["distnet.status"] == row["status"].split("@")[0]
+        assert row["acc"] == run.data.metrics["test/acc"] == client.get_metric_history(run_id, "test/acc")[-1].value
+        for end, value in expected.items():
+            np.testing.assert_equal(row[f"ratio_{end}"], value)
+            (logged,) = client.get_metric_history(run_id, f"grad_ratio/{end}")
+            assert logged.step == (0 if end == "init" else last_step(table))
+            assert logged.value == pytest.approx(as_mlflow(value), rel=1e-12, nan_ok=True)
+        assert tracking.cell_summary(tracking_uri, run, 3, "test") == pytest.approx(
+            {**row, "ratio_init": as_mlflow(row["ratio_init"]), "ratio_end": as_mlflow(row["ratio_end"])}, nan_ok=True)
 
 
 def test_sink_restore_writes_what_the_checkpoint_held_once(tracking_uri):
@@ -79,9 +102,10 @@ def test_sink_restore_writes_what_the_checkpoint_held_once(tracking_uri):
     checkpoint's `unflushed`; what MLflow already holds is not written again; a step-table part
     written again replaces itself."""
     cfg = build_config({"model": {"sizes": [784, 10]}})
-    (run_id,) = tracking.create_runs(tracking_uri, cfg)
+    (run,) = tracking.create_runs(tracking_uri, cfg)
+    run_id = run.run_id
     client = MlflowClient(tracking_uri)
-    sink = tracking.MlflowSink(tracking_uri, [run_id])
+    sink = tracking.MlflowSink(tracking_uri, [run])
     cols = {"grad_norm/w/layer_1": np.array([[1.0], [2.0], [3.0]]), "train/batch_loss": np.array([[4.0], [5.0], [6.0]])}
     sink.log_steps([0, 1, 2], cols, np.ones((3, 1), bool))
     sink.log(0, {"grad_norm/w/layer_1": np.array([2.0])}, np.ones(1, bool))
@@ -90,7 +114,7 @@ def test_sink_restore_writes_what_the_checkpoint_held_once(tracking_uri):
     sink.log(3, {"grad_norm/w/layer_1": np.array([11.5])}, np.ones(1, bool))
     held = sink.unflushed()  # the checkpoint; then the worker dies before flushing
     for _ in range(2):  # the second time, as if the restarted worker had died after its flush
-        again = tracking.MlflowSink(tracking_uri, [run_id])
+        again = tracking.MlflowSink(tracking_uri, [run])
         again.restore(held)
         history = client.get_metric_history(run_id, "grad_norm/w/layer_1")
         assert sorted((m.step, m.value) for m in history) == [(0, 2.0), (3, 11.5)]
