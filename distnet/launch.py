@@ -44,6 +44,7 @@ class Job:
     runs: list[tracking.RunRef]
     data: ray.ObjectRef
     resumed: bool = False  # its runs already hold metrics from an earlier (dead) driver
+    parent: tracking.RunRef | None = None  # the sweep's parent run, which keeps the cell records
 
     @property
     def run_ids(self) -> list[str]:
@@ -123,7 +124,7 @@ def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: dict 
     checkpoint."""
     sink = tracking.MlflowSink(uri, job.runs, on_progress=board and (lambda s: board.update.remote(s)),
                                tags={"distnet.ray_node": ray.get_runtime_context().get_node_id(),
-                                     "distnet.lane": str(lane), "distnet.trainer": trainer})
+                                     "distnet.lane": str(lane), "distnet.trainer": trainer}, parent=job.parent)
     if resume is not None or job.resumed:
         step = resume["step"] if resume is not None else 0
         sink.tags.append(RunTag("distnet.resumed_from_step", str(step)))
@@ -270,7 +271,7 @@ class Feed:
     queue: ray.actor.ActorHandle
     tracking_uri: str
     exp_id: str
-    parent: str
+    parent: tracking.RunRef
     cell_runs: dict[str, str] = field(default_factory=dict)
     held: list[ray.ObjectRef] = field(default_factory=list)
     error: Exception | None = None
@@ -285,9 +286,9 @@ class Feed:
                     data_refs[key] = ray.put(data.select(self.mnist, *key))
                 tags = [{"distnet.cell_id": c.id, "mlflow.runName": f"{self.sw.name}/{c.label}",
                          **{k: str(v) for k, v in c.axes.items()}} for c in group]
-                runs = tracking.create_runs(self.tracking_uri, cfg, self.exp_id, self.parent, tags)
+                runs = tracking.create_runs(self.tracking_uri, cfg, self.exp_id, self.parent.run_id, tags)
                 self.cell_runs.update((c.id, r.run_id) for c, r in zip(group, runs))
-                self.held.append(ray.put(Job(cfg, runs, data_refs[key])))
+                self.held.append(ray.put(Job(cfg, runs, data_refs[key], parent=self.parent)))
                 ray.get(self.queue.put.remote((self.held[-1], [r.run_id for r in runs])))
         except Exception as e:
             self.error = e
@@ -304,7 +305,8 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
     mnist = download.load_or_fetch(data_dir or first.data.dir, say)
     grid_params = {f"grid.{k}": v for k, v in sw.grid.items()} | {f"sweep.{k}": v for k, v in vars(sw.settings).items()}
     exp_id = tracking.experiment_id(tracking_uri, first.mlflow.experiment)
-    parent = tracking.sweep_parent(tracking_uri, exp_id, sw.name, sw.id, grid_params)
+    parent_ref = tracking.sweep_parent(tracking_uri, exp_id, sw.name, sw.id, grid_params)
+    parent = parent_ref.run_id
     by_cell: dict[str, list] = {}
     for run in tracking.child_runs(tracking_uri, parent):
         by_cell.setdefault(run.data.tags.get("distnet.cell_id"), []).append(run)
@@ -327,7 +329,7 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
         say(f"sweep {sw.name}: {len(sw.cells)} cells, {len(sw.cells) - len(todo)} already finished, "
             f"{len(todo)} to train in {len(groups)} job(s) on {lanes} lane(s); MLflow parent run {parent}")
         queue = JobQueue.remote(ahead=lanes)
-        feed = Feed(sw, groups, mnist, queue, tracking_uri, exp_id, parent)
+        feed = Feed(sw, groups, mnist, queue, tracking_uri, exp_id, parent_ref)
         # Daemon threads: an interrupted driver exits at once, and Ray ends the trainers it owned.
         pending = [threading.Thread(target=feed.run, daemon=True)]
         pending += [threading.Thread(target=_lane, args=(first, queue, lane, tracking_uri), daemon=True)

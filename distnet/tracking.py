@@ -30,7 +30,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
-from distnet import steptable
+from distnet import cellrecords, steptable
 from distnet.config import Config, Member, config_hash, dump_yaml, flatten
 
 # set_terminated on an HTTP store otherwise reads the run back to print a "View run" link: one
@@ -287,8 +287,11 @@ class MlflowSink:
     writes the rest with the runs' outcome and ends them. Members are written concurrently."""
 
     def __init__(self, uri: str, runs: list[RunRef], on_progress: Callable[[dict], None] | None = None,
-                 tags: dict[str, str] | None = None):
+                 tags: dict[str, str] | None = None, parent: RunRef | None = None):
         self.uri = uri
+        # Under a sweep, what is written is also kept for the parent's cell records (cellrecords).
+        self.parent = parent
+        self.collector = cellrecords.Collector(len(runs)) if parent is not None else None
         self.client = MlflowClient(uri)
         self.runs = runs
         # Plain (key, value, timestamp, step) tuples: an MLflow Metric object per value cost ~12 us
@@ -351,6 +354,7 @@ class MlflowSink:
             return {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in latest}, latest
 
         self.written_upto, self.latest_values = map(list, zip(*concurrent(self.uri, written, self.run_ids)))
+        self.collector = None  # what the dead group wrote is not here: no cell records from this job
         for k in range(len(self.runs)):
             self.buffers[k] = []
             self.rows[k] = StepRows()
@@ -376,11 +380,15 @@ class MlflowSink:
         block = self.rows[k].block()
         if block is not None:
             steps, values = block
+            columns = dict(zip(self.columns, values.T))
             with tempfile.TemporaryDirectory() as tmp:
-                part = steptable.write_part(Path(tmp), steps, dict(zip(self.columns, values.T)))
-                upload(self.uri, self.runs[k], part, steptable.ARTIFACT_DIR)
+                upload(self.uri, self.runs[k], steptable.write_part(Path(tmp), steps, columns), steptable.ARTIFACT_DIR)
+            if self.collector is not None:
+                self.collector.step_rows(k, steps, columns)
             self.rows[k].clear()
         write_batches(self.client, self.runs[k].run_id, self.buffers[k], self.tags + list(end_tags))
+        if self.collector is not None:
+            self.collector.metrics(k, self.buffers[k])
         self.buffers[k].clear()
 
     def flush(self, midway: Callable[[], None] | None = None) -> None:
@@ -428,11 +436,15 @@ class MlflowSink:
 
         rows = concurrent(self.uri, end, range(len(self.runs)))
         self.tags = []
+        if self.collector is not None:  # one part per job, named by its first run
+            with tempfile.TemporaryDirectory() as tmp:
+                part = cellrecords.write_part(Path(tmp), self.runs[0].run_id, self.collector.table(self.run_ids))
+                upload(self.uri, self.parent, part, cellrecords.ARTIFACT_DIR)
         return rows
 
 
 # ---------------------------------------------------------------- sweeps
-def sweep_parent(uri: str, exp_id: str, name: str, sweep_id: str, params: dict[str, str]) -> str:
+def sweep_parent(uri: str, exp_id: str, name: str, sweep_id: str, params: dict[str, str]) -> RunRef:
     """The sweep's parent run: found by its id tag (a re-run of the same sweep reuses it, RUNNING
     again), else created with the grid as params."""
     client = MlflowClient(uri)
@@ -440,13 +452,13 @@ def sweep_parent(uri: str, exp_id: str, name: str, sweep_id: str, params: dict[s
     if found:
         run_id = found[0].info.run_id
         retry_locked(client.update_run, run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        return run_id
+        return RunRef(run_id, found[0].info.artifact_uri)
     run = retry_locked(client.create_run, exp_id, run_name=name,
                        tags={"distnet.sweep_id": sweep_id, "distnet.kind": "sweep"})
     items = [Param(k, str(v)) for k, v in params.items()]
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
         retry_locked(client.log_batch, run.info.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
-    return run.info.run_id
+    return RunRef(run.info.run_id, run.info.artifact_uri)
 
 
 def find_sweep(uri: str, name: str | None = None, sweep_id: str | None = None):
