@@ -51,6 +51,8 @@ BIG_GRID = {"model.depth": list(range(1, 11)),
                                  "identity"]}
 # An access-log line of the server's uvicorn: `... "POST /api/2.0/mlflow/runs/create HTTP/1.1" 200 ...`
 REQUEST = re.compile(r'"(GET|POST|PUT|PATCH|DELETE) (/[^ ?"]*)')
+# An artifact's path, less its experiment and run: `.../artifacts/1/<run id>/artifacts/step_metrics/x.parquet`
+ARTIFACT = re.compile(r"/artifacts/\d+/[0-9a-f]{32}/artifacts/([^/]+).*")
 
 
 def tiny_sweep(name: str, work: Path, cells: int) -> sweep.Sweep:
@@ -69,12 +71,11 @@ def big_sweep(work: Path, cells: int) -> sweep.Sweep:
 
 
 def timed(sw: sweep.Sweep, uri: str) -> tuple[float, float, launch.SweepResult]:
-    """Wall time of the sweep, seconds from its start to its first trained step, its result."""
+    """Unix time of the start, wall time of the sweep, its result."""
     start = time.time()
     result = launch.run_sweep(sw, uri, say=lambda *_: None)
-    wall = time.time() - start
     assert result.trained == len(sw.cells) and not result.failed, result.failed[:3]
-    return wall, first_step(uri, result.parent_run_id) - start, result
+    return start, time.time() - start, result
 
 
 def first_step(uri: str, parent: str) -> float:
@@ -106,8 +107,9 @@ class Server:
         return self
 
     def requests(self) -> collections.Counter:
-        """Requests so far, by method and path (the access log's)."""
-        return collections.Counter(" ".join(m) for m in REQUEST.findall(self.log.read_text()))
+        """Requests so far, by method and endpoint (an artifact's by its top folder or file)."""
+        return collections.Counter(method + " " + ARTIFACT.sub(r"/artifacts/\1", path)
+                                   for method, path in REQUEST.findall(self.log.read_text()))
 
     def __exit__(self, *exc):
         subprocess.run(["bash", str(ROOT / "cluster/mlflow_server.sh"), "stop", str(self.state)], env=self.env,
@@ -134,15 +136,16 @@ def slope(times: dict[int, float]) -> float:
 
 def small_rows(work: Path) -> list[tuple]:
     out = []
-    sqlite = {n: timed(tiny_sweep(f"sq{n}", work / f"sq{n}", n), f"sqlite:///{work / f'sq{n}.db'}")[0]
+    sqlite = {n: timed(tiny_sweep(f"sq{n}", work / f"sq{n}", n), f"sqlite:///{work / f'sq{n}.db'}")[1]
               for n in (192, 768)}
     with Server(work) as server:
-        wall, first16, _ = timed(tiny_sweep("pg16", work / "pg16", 16), server.uri)
+        start, _, result = timed(tiny_sweep("pg16", work / "pg16", 16), server.uri)
+        first16 = first_step(server.uri, result.parent_run_id) - start
         served = {}
         for n in (192, 768):
             before = server.requests()
-            served[n] = timed(tiny_sweep(f"pg{n}", work / f"pg{n}", n), server.uri)[0]
-        by_endpoint = server.requests() - before
+            served[n] = timed(tiny_sweep(f"pg{n}", work / f"pg{n}", n), server.uri)[1]
+            by_endpoint = server.requests() - before
     per_cell = {k: v / 768 for k, v in by_endpoint.most_common()}
     out += [
         ("tiny sweep into sqlite: 192 / 768 cells, wall time", f"{sqlite[192]:.1f} / {sqlite[768]:.1f}", "", "s", ""),
@@ -165,7 +168,8 @@ def small_rows(work: Path) -> list[tuple]:
 def big_rows(work: Path, cells: int) -> list[tuple]:
     sw = big_sweep(work, cells)
     with Server(work) as server:
-        wall, first, result = timed(sw, server.uri)
+        start, wall, result = timed(sw, server.uri)
+        first = first_step(server.uri, result.parent_run_id) - start
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         done = complete(server.uri, result)
         start = time.time()

@@ -264,7 +264,8 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
             summary.load(resume["interval"])
 
     first_step = step
-    while epoch <= tc.epochs and step < total_steps and alive.any():  # one host sync per epoch
+    going = epoch <= tc.epochs and step < total_steps and bool(alive.any())
+    while going:
         epoch_start = time.perf_counter()
         batches = data.epoch_batches(n_train, tc.batch_size, epoch, cfg.data.shuffle_seed, env.rank, env.world_size)
         batches = batches.to(env.device)
@@ -299,8 +300,9 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
                                           "perf/max_rss_mb": np.full(P, max_rss_mb())})
         loss_sum.zero_()
         epoch += 1
-        if ck.unit == "step" or (epoch - 1) % ck.every == 0:
-            checkpoint()
+        going = epoch <= tc.epochs and step < total_steps and bool(alive.any())  # one host sync per epoch
+        if going and (ck.unit == "step" or (epoch - 1) % ck.every == 0):
+            checkpoint()  # (the training's last checkpoint is the one below)
     checkpoint(done=True)
     # The same names as the checkpoint's state: a closing rank 0 reads either.
     return {"theta": model.theta.cpu(), "final": final, "step": step, "diverged_at": diverged_at.cpu(),
