@@ -71,7 +71,7 @@ def _ui(args) -> int:
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     try:
-        targets = ui.targets(uri, args.runs, args.group_by, args.aggregate)  # every argument checked first
+        targets = ui.targets(uri, args.runs, args.group_by, args.aggregate, args.where)  # every argument checked first
     except ui.UIError as e:
         print(f"distnet: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -186,6 +186,9 @@ def parser() -> argparse.ArgumentParser:
                         "none: the experiments list")
     u.add_argument("--group-by", help="grid axis to group a sweep's cells by, e.g. model.depth or depth "
                                       "(default init, else depth, else the first axis)")
+    u.add_argument("--where", action="append", default=[], metavar="AXIS=VALUE",
+                   help="the slice of a sweep's grid to show, e.g. seed=0 or model.depth=3 (repeatable); a sweep of more "
+                        "cells than the UI charts at once (100) gets one chosen, which its link's label names")
     u.add_argument("--aggregate", action="store_true", help="chart one line per group (mean, min..max band) instead of one per cell")
     u.add_argument("--port", type=int, default=0, help="port of the local MLflow server (default a free one)")
     u.add_argument("--tracking-uri", help="as for train; an http(s) URI is linked to as it is, any other store is served here")

@@ -17,9 +17,12 @@ by tests/test_ui.py):
 
 from __future__ import annotations
 
+import ast
 import base64
 import contextlib
+import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -37,6 +40,7 @@ from urllib.parse import urlencode
 from mlflow.tracking import MlflowClient
 
 from distnet import tracking
+from distnet.config import config_hash
 
 WORKFLOW = {"workflowType": "machine_learning"}  # the model-training pages, not the GenAI ones
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # the UI's saved views: one experiment tag each
@@ -44,6 +48,11 @@ VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # the UI's saved views: one experim
 # 216-cell grid's view is 40 kB of JSON (75 charts), 2.7 kB so; an experiment tag holds 20,000 characters.
 DEFLATE = "deflate;"
 DEFAULT_AXES = ("model.init", "model.depth")  # what a sweep's cells are grouped by unless told
+# The runs page loads a search's runs 100 at a time (in the view's order, here by name; its "Load
+# more" fetches the next 100) and its charts draw only the runs loaded: a sweep's link shows at
+# most this many cells, a slice of the grid where the sweep has more.
+PAGE_RUNS = 100
+BY_NAME = "tags.`mlflow.runName`"  # the order the view lists (and the page loads) the cells in
 
 
 class UIError(ValueError):
@@ -83,9 +92,26 @@ class Target:
 
 
 # ---------------------------------------------------------------- a sweep's view
-def grid_axes(parent) -> list[str]:
-    """The sweep's grid axes (dotted config keys), from the parent run's `grid.*` params."""
-    return sorted(k[len("grid."):] for k in parent.data.params if k.startswith("grid."))
+def sweep_grid(parent) -> dict[str, list[str]]:
+    """The sweep's grid from the parent run's `grid.*` params (`grid.model.depth` = "[1, 2]"): each
+    axis (dotted config key, sorted) with its values as the cells' axis tags spell them (`str(v)`)."""
+    return {k[len("grid."):]: [str(v) for v in ast.literal_eval(v)]
+            for k, v in sorted(parent.data.params.items()) if k.startswith("grid.")}
+
+
+def short_name(axis: str, axes: list[str]) -> str:
+    """What the cells' names call an axis (`init` for model.init), unless another axis ends the same."""
+    last = axis.rsplit(".", 1)[-1]
+    return last if [a.rsplit(".", 1)[-1] for a in axes].count(last) == 1 else axis
+
+
+def named_axis(axes: list[str], name: str, option: str, sweep_name: str) -> str:
+    """The axis `name` names, as a dotted key or its last part (`init`)."""
+    matches = [a for a in axes if name in (a, a.rsplit(".", 1)[-1])]
+    if len(matches) != 1:
+        allowed = ", ".join(a if "." not in a else f"{a} (or {a.rsplit('.', 1)[-1]})" for a in axes)
+        raise UIError(f"{option} {name!r} is not an axis of sweep {sweep_name}'s grid; allowed: {allowed}")
+    return matches[0]
 
 
 def group_axis(axes: list[str], group_by: str | None, sweep_name: str) -> str:
@@ -94,11 +120,69 @@ def group_axis(axes: list[str], group_by: str | None, sweep_name: str) -> str:
     if group_by is None:
         preferred = [a for a in DEFAULT_AXES if a in axes] + [a for a in axes if a != "seed"] + axes
         return preferred[0]
-    matches = [a for a in axes if group_by in (a, a.rsplit(".", 1)[-1])]
-    if len(matches) != 1:
-        allowed = ", ".join(a if "." not in a else f"{a} (or {a.rsplit('.', 1)[-1]})" for a in axes)
-        raise UIError(f"--group-by {group_by!r} is not an axis of sweep {sweep_name}'s grid; allowed: {allowed}")
-    return matches[0]
+    return named_axis(axes, group_by, "--group-by", sweep_name)
+
+
+def where_axes(grid: dict[str, list[str]], axis: str, where: list[str], sweep_name: str) -> dict[str, str]:
+    """`--where AXIS=VALUE`s as {axis: value}, each checked against the grid. The group axis is not
+    one to fix: its groups are what the link compares."""
+    fixed = {}
+    for item in where:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UIError(f"--where {item!r}: AXIS=VALUE expected, e.g. --where seed=0")
+        a = named_axis(list(grid), name, "--where", sweep_name)
+        if a == axis:
+            raise UIError(f"--where {item!r}: the cells are grouped by {axis}; --group-by another axis to fix this one")
+        if value not in grid[a]:
+            raise UIError(f"--where {item!r}: {a} of sweep {sweep_name} is one of {', '.join(grid[a])}")
+        fixed[a] = value
+    return fixed
+
+
+def slice_size(grid: dict[str, list[str]], fixed) -> int:
+    """How many cells have the values `fixed` (axis -> value, or just the axes) of the grid."""
+    return math.prod(len(values) for a, values in grid.items() if a not in fixed)
+
+
+def choose_slice(grid: dict[str, list[str]], axis: str, where: dict[str, str]) -> dict[str, str]:
+    """The axes to fix (axis -> value) so that the cells left fit in the runs page's charts
+    (PAGE_RUNS), every group of `axis` among them: `where` (the user's), and where that leaves too
+    many, the seed (seeds are replicates: one shows the comparison the others repeat), then the
+    other axes whose fixing leaves the most cells that fit, fewest axes first, each at its first
+    value. If nothing fits (a group axis of more values than the page), every other axis is fixed."""
+    free = [a for a in grid if a != axis and a not in where and len(grid[a]) > 1]
+    seeds = [a for a in free if a == "seed"]
+    others = [a for a in free if a != "seed"]
+    # [] first: nothing more to fix where `where` fits already.
+    options = [[]] + [seeds + list(c) for n in range(len(others) + 1) for c in itertools.combinations(others, n)]
+    fits = [o for o in options if slice_size(grid, [*where, *o]) <= PAGE_RUNS]
+    best = max(fits, key=lambda o: slice_size(grid, [*where, *o])) if fits else free
+    return {a: where.get(a, grid[a][0]) for a in grid if a in where or a in best}
+
+
+def slice_label(name: str, grid: dict[str, list[str]], axis: str, fixed: dict[str, str], aggregate: bool) -> str:
+    """What a sweep's link shows: the cells, by what, and which slice of how many (with the
+    --where that picks another), or that the page cannot chart them all."""
+    axes, shown, total = list(grid), slice_size(grid, fixed), slice_size(grid, ())
+    by = f"by {axis}{', group means' if aggregate else ''}"
+    if not fixed:
+        label = f"sweep {name} ({total:,} cells) {by}"
+    else:
+        values = ", ".join(f"{short_name(a, axes)}={v}" for a, v in fixed.items())
+        others = ", ".join(f"--where {short_name(a, axes)}=<one of {len(grid[a])}>" for a in fixed)
+        label = f"sweep {name} {by}: {shown:,} of {total:,} cells ({values}); other slices: {others}"
+    if shown > PAGE_RUNS:
+        label += f"; more than the UI charts at once: it charts the first {PAGE_RUNS} by name"
+    return label
+
+
+def cells_filter(parent_run_id: str, fixed: dict[str, str]) -> str:
+    """The search filter for a sweep's cells with the values `fixed` (each cell carries a tag per
+    grid axis, named by the dotted axis): not the parent run (no curves) nor the experiment's
+    other sweeps and trainings."""
+    return " and ".join([f"tags.mlflow.parentRunId = '{parent_run_id}'"] +
+                        [f"tags.`{a}` = '{v}'" for a, v in fixed.items()])
 
 
 def _natural(key: str) -> list:
@@ -138,16 +222,16 @@ def chart_layout(metric_keys: set[str]) -> tuple[list[dict], list[dict]]:
     return charts, sections
 
 
-def sweep_view(parent_run_id: str, axes: list[str], axis: str, metric_keys: set[str], aggregate: bool) -> dict:
-    """The saved view's state (search facets and UI state, as the UI saves them) for a sweep's cells."""
+def sweep_view(search_filter: str, axes: list[str], axis: str, metric_keys: set[str], aggregate: bool) -> dict:
+    """The saved view's state (search facets and UI state, as the UI saves them) for the cells
+    `search_filter` finds (cells_filter)."""
     charts, sections = chart_layout(metric_keys)
     acc = [f"metrics.`{k}`" for k in ("test/acc", "val/acc") if k in metric_keys]
     return {
-        # Only this sweep's cells: not the parent run (no curves) nor the experiment's other
-        # sweeps and trainings. Sorted by anything but the start time, the UI lists them flat
-        # (with it, it folds children under their parent, out of the charts).
-        "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'",
-        "orderByKey": "tags.`mlflow.runName`",
+        # Sorted by anything but the start time, the UI lists the cells flat (with it, it folds
+        # children under their parent, out of the charts).
+        "searchFilter": search_filter,
+        "orderByKey": BY_NAME,
         "orderByAsc": True,
         "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": axis}]},
         # One line per cell (the runs table groups them); aggregate: one line per group, its
@@ -170,20 +254,27 @@ def save_view(client: MlflowClient, experiment_id: str, key: str, name: str, sta
     tracking.retry_locked(client.set_experiment_tag, experiment_id, VIEW_TAG_PREFIX + key, json.dumps(envelope))
 
 
-def sweep_target(uri: str, parent, group_by: str | None = None, aggregate: bool = False) -> Target:
-    """Write the sweep's saved view (grouped by `group_by`, validated against its grid) and return
-    its link target. The view key is fixed per sweep and grouping: writing it again replaces it."""
-    name = parent.info.run_name
-    axes = grid_axes(parent)
-    if not axes:
-        raise UIError(f"run {parent.info.run_id} is tagged as a sweep but has no grid.* params")
-    axis = group_axis(axes, group_by, name)
-    cells = tracking.child_runs(uri, parent.info.run_id)
-    metric_keys = set().union(*(r.data.metrics for r in cells)) if cells else set()
-    key = f"distnet-{parent.info.run_id}-{axis}{'-mean' if aggregate else ''}"
-    label = f"sweep {name} ({len(cells)} cells) by {axis}{', group means' if aggregate else ''}"
-    state = sweep_view(parent.info.run_id, axes, axis, metric_keys, aggregate)
-    save_view(MlflowClient(uri), parent.info.experiment_id, key, label, state)
+def sweep_target(uri: str, parent, group_by: str | None = None, aggregate: bool = False,
+                 where: list[str] = ()) -> Target:
+    """Write the saved view of the sweep's cells, grouped by `group_by` and sliced (`where`, then
+    choose_slice) to what the UI charts at once, all checked against its grid; return its link
+    target. The view key is fixed per sweep, grouping and slice: writing it again replaces it."""
+    name, run_id = parent.info.run_name, parent.info.run_id
+    grid = sweep_grid(parent)
+    if not grid:
+        raise UIError(f"run {run_id} is tagged as a sweep but has no grid.* params")
+    axis = group_axis(list(grid), group_by, name)
+    fixed = choose_slice(grid, axis, where_axes(grid, axis, where, name))
+    search_filter = cells_filter(run_id, fixed)
+    # The chart list from the runs the page loads, not from every cell: a sweep can have 10,000.
+    client = MlflowClient(uri)
+    shown = client.search_runs([parent.info.experiment_id], search_filter, max_results=PAGE_RUNS,
+                               order_by=[f"{BY_NAME} ASC"])
+    metric_keys = set().union(*(r.data.metrics for r in shown))
+    key = f"distnet-{run_id}-{axis}{f'-{config_hash(fixed)}' if fixed else ''}{'-mean' if aggregate else ''}"
+    label = slice_label(name, grid, axis, fixed, aggregate)
+    state = sweep_view(search_filter, list(grid), axis, metric_keys, aggregate)
+    save_view(client, parent.info.experiment_id, key, label, state)
     return Target(label, parent.info.experiment_id, view_key=key)
 
 
@@ -208,14 +299,15 @@ def find(uri: str, selector: str):
         raise UIError(f"{selector!r} is neither a sweep config, a sweep name nor a run id in {uri}") from e
 
 
-def targets(uri: str, selectors: list[str], group_by: str | None = None, aggregate: bool = False) -> list[Target]:
+def targets(uri: str, selectors: list[str], group_by: str | None = None, aggregate: bool = False,
+            where: list[str] = ()) -> list[Target]:
     """One link target per selector (a sweep's cells, or a run's metric page); with none, the
     experiments list. Sweeps' saved views are written here, before any server is started."""
     out = []
     for selector in selectors:
         run = find(uri, selector)
         if run.data.tags.get("distnet.kind") == "sweep":
-            out.append(sweep_target(uri, run, group_by, aggregate))
+            out.append(sweep_target(uri, run, group_by, aggregate, where))
         else:
             out.append(Target(f"run {run.info.run_name}", run.info.experiment_id, run_id=run.info.run_id))
     return out or [Target("experiments")]
