@@ -9,6 +9,7 @@ the CLI turns that into exit code 2 before Ray, MLflow or any worker is touched.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -312,8 +313,15 @@ def _field_names(cls) -> str:
     return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
+@functools.cache
+def _type_hints(cls) -> dict:
+    """A config class's resolved field types: resolving them is 80% of validating a config, and a
+    10,000-cell grid validates 10,000 configs before anything starts."""
+    return typing.get_type_hints(cls)
+
+
 def build_dataclass(cls, raw: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
