@@ -367,6 +367,12 @@ class MlflowSink:
         if unflushed is not None:
             self.columns = unflushed["columns"]
             self.first, self.latest = list(unflushed["first"]), list(unflushed["latest"])
+        else:  # a training resumed by a new driver: the step tables hold where it started
+            for k, run_id in enumerate(self.run_ids):
+                table = steptable.read(self.client, run_id)
+                if table:
+                    self.columns = [c for c in table if c != "step"]
+                    self.first[k] = (int(table["step"][0]), np.array([table[c][0] for c in self.columns]))
         self.flush()
 
     def _append(self, k: int, row: Row) -> None:

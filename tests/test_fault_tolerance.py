@@ -159,7 +159,11 @@ ray: {{num_workers: 1, storage_path: {tmp_path / 'runs'}}}
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert int(runs[0].data.tags["distnet.restarts"]) >= 1
     assert int(runs[0].data.tags["distnet.resumed_from_step"]) >= 20  # from a checkpoint, not from scratch
-    assert_each_step_once(uri, runs[0].info.run_id, 60, 3)
+    table = assert_each_step_once(uri, runs[0].info.run_id, 60, 3)
+    first, last = (table[f"grad_norm/w/layer_{l}"].astype(np.float64) for l in (1, 3))
+    # The summary's gradient ratios span the whole training, not just the part after the resume.
+    assert runs[0].data.metrics["grad_ratio/init"] == pytest.approx(first[0] / last[0], rel=1e-12)
+    assert runs[0].data.metrics["grad_ratio/end"] == pytest.approx(first[-1] / last[-1], rel=1e-12)
     assert not record.exists()
 
 
