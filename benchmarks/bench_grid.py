@@ -1,6 +1,6 @@
 """Grid-scale rows of `make bench`: what distnet itself costs per cell, and a 10,000-cell sweep.
 
-    PYTHONPATH=benchmarks .venv/bin/python benchmarks/bench_grid.py [--big 10530] [--only small|big]
+    PYTHONPATH=benchmarks .venv/bin/python benchmarks/bench_grid.py [--big 10530] [--only sqlite|server|big] [--server-workers N]
 
 Tiny cells (5 steps each: `train.max_steps=5`, `data.train_limit=1280`, `eval_limit=500`, width 30),
 so that what is left is distnet's own cost per cell:
@@ -91,12 +91,14 @@ def first_step(uri: str, parent: str) -> float:
 class Server:
     """cluster/mlflow_server.sh's PostgreSQL-backed server on loopback, stopped on exit."""
 
-    def __init__(self, work: Path, workers: int = 4):
+    def __init__(self, work: Path, workers: int | None = None):
         self.state = Path(tempfile.mkdtemp(prefix="dnpg", dir="/tmp"))
         self.state.chmod(0o755)
         port = free_port()
         self.env = {**os.environ, "MLFLOW": str(BIN / "mlflow"), "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port),
-                    "PG_PORT": str(free_port()), "MLFLOW_WORKERS": str(workers)}
+                    "PG_PORT": str(free_port())}
+        if workers:  # else the script's default
+            self.env["MLFLOW_WORKERS"] = str(workers)
         self.uri = f"http://127.0.0.1:{port}"
         self.log = self.state / "mlflow.log"
 
@@ -134,11 +136,16 @@ def slope(times: dict[int, float]) -> float:
     return (t2 - t1) / (n2 - n1)
 
 
-def small_rows(work: Path) -> list[tuple]:
-    out = []
+def sqlite_rows(work: Path) -> list[tuple]:
     sqlite = {n: timed(tiny_sweep(f"sq{n}", work / f"sq{n}", n), f"sqlite:///{work / f'sq{n}.db'}")[1]
               for n in (192, 768)}
-    with Server(work) as server:
+    return [("tiny sweep into sqlite: 192 / 768 cells, wall time", f"{sqlite[192]:.1f} / {sqlite[768]:.1f}", "", "s", ""),
+            ("per-cell cost into sqlite (slope 192 -> 768; <= 25 ms wanted, was ~85)", f"{slope(sqlite) * 1e3:.1f}",
+             "85", "ms/cell", f"{85 / (slope(sqlite) * 1e3):.1f}x")]
+
+
+def server_rows(work: Path, workers: int | None) -> list[tuple]:
+    with Server(work, workers) as server:
         start, _, result = timed(tiny_sweep("pg16", work / "pg16", 16), server.uri)
         first16 = first_step(server.uri, result.parent_run_id) - start
         served = {}
@@ -147,27 +154,22 @@ def small_rows(work: Path) -> list[tuple]:
             served[n] = timed(tiny_sweep(f"pg{n}", work / f"pg{n}", n), server.uri)[1]
             by_endpoint = server.requests() - before
     per_cell = {k: v / 768 for k, v in by_endpoint.most_common()}
-    out += [
-        ("tiny sweep into sqlite: 192 / 768 cells, wall time", f"{sqlite[192]:.1f} / {sqlite[768]:.1f}", "", "s", ""),
-        ("per-cell cost into sqlite (slope 192 -> 768; <= 25 ms wanted, was ~85)", f"{slope(sqlite) * 1e3:.1f}",
-         "85", "ms/cell", f"{85 / (slope(sqlite) * 1e3):.1f}x"),
-        ("tiny sweep through the PostgreSQL-backed server: 192 / 768 cells, wall time",
+    how = f"{workers or 'default'} server worker(s)"
+    return [
+        (f"tiny sweep through the PostgreSQL-backed server ({how}): 192 / 768 cells, wall time",
          f"{served[192]:.1f} / {served[768]:.1f}", "", "s", ""),
-        ("per-cell cost through the server (slope; <= 60 ms wanted, was ~900)", f"{slope(served) * 1e3:.1f}", "900",
-         "ms/cell", f"{900 / (slope(served) * 1e3):.1f}x"),
+        (f"per-cell cost through the server ({how}; slope; <= 60 ms wanted, was ~900)", f"{slope(served) * 1e3:.1f}",
+         "900", "ms/cell", f"{900 / (slope(served) * 1e3):.1f}x"),
         ("requests per cell through the server (768-cell sweep; <= 6 wanted, was 21)",
          f"{sum(per_cell.values()):.2f}", "21", "requests", ""),
         ("  of which, by endpoint", "; ".join(f"{k} {v:.2f}" for k, v in per_cell.items()), "", "", ""),
         ("time to the first trained step, 16-cell sweep (server)", f"{first16:.1f}", "", "s", ""),
     ]
-    for r in out:
-        print(r, flush=True)
-    return out
 
 
-def big_rows(work: Path, cells: int) -> list[tuple]:
+def big_rows(work: Path, cells: int, workers: int | None = None) -> list[tuple]:
     sw = big_sweep(work, cells)
-    with Server(work) as server:
+    with Server(work, workers) as server:
         start, wall, result = timed(sw, server.uri)
         first = first_step(server.uri, result.parent_run_id) - start
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -176,7 +178,7 @@ def big_rows(work: Path, cells: int) -> list[tuple]:
         subprocess.run([str(BIN / "distnet"), "report", sw.name, "--tracking-uri", server.uri, "--out",
                         str(work / "report")], check=True, capture_output=True, timeout=3600)
         report_s = time.time() - start
-    out = [
+    return [
         (f"{len(sw.cells)}-cell tiny sweep through the server: wall time (<= 900 s wanted)", f"{wall:.0f}", "", "s", ""),
         (f"{len(sw.cells)}-cell sweep: cells FINISHED with every step in their table", f"{done}/{len(sw.cells)}", "",
          "cells", ""),
@@ -185,23 +187,29 @@ def big_rows(work: Path, cells: int) -> list[tuple]:
          "", "MB", ""),
         (f"distnet report on the {len(sw.cells)}-cell sweep (<= 120 s wanted)", f"{report_s:.0f}", "", "s", ""),
     ]
-    for r in out:
-        print(r, flush=True)
+
+
+def rows(work: Path, big: int = 10530, only: str | None = None, server_workers: int | None = None) -> list[tuple]:
+    parts = {"sqlite": lambda: sqlite_rows(work), "server": lambda: server_rows(work, server_workers),
+             "big": lambda: big_rows(work, big, server_workers) if big else []}
+    out = []
+    for name, part in parts.items():
+        if only in (None, name):
+            out += (got := part())
+            for r in got:
+                print(r, flush=True)
     return out
-
-
-def rows(work: Path, big: int = 10530, only: str | None = None) -> list[tuple]:
-    return (small_rows(work) if only != "big" else []) + (big_rows(work, big) if big and only != "small" else [])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--big", type=int, default=10530, help="cells of the big grid (810 per seed; 0 skips it)")
-    ap.add_argument("--only", choices=["small", "big"], help="run one part")
+    ap.add_argument("--only", choices=["sqlite", "server", "big"], help="run one part")
+    ap.add_argument("--server-workers", type=int, help="MLFLOW_WORKERS of the server (default: the script's)")
     args = ap.parse_args()
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
-        table = rows(Path(tmp), args.big, args.only)
+        table = rows(Path(tmp), args.big, args.only, args.server_workers)
     print("\n| row | distnet | before | unit | ratio |\n| --- | --- | --- | --- | --- |")
     for r in table:
         print("| " + " | ".join(r) + " |")

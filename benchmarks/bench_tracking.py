@@ -109,7 +109,7 @@ def pg_sweep(work: Path, cells: int) -> dict:
     state.chmod(0o755)
     port = free_port()
     env = {**os.environ, "MLFLOW": str(BIN / "mlflow"), "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port),
-           "PG_PORT": str(free_port()), "MLFLOW_WORKERS": "2"}
+           "PG_PORT": str(free_port())}
     script = ROOT / "cluster" / "mlflow_server.sh"
     try:
         subprocess.run(["bash", str(script), "start", str(state)], env=env, check=True, timeout=120)

@@ -6,7 +6,7 @@
 #   cluster/mlflow_server.sh start [STATE_DIR]   # default ~/mlflow; idempotent
 #   cluster/mlflow_server.sh stop  [STATE_DIR]
 #
-# Environment: MLFLOW_PORT (5000), MLFLOW_HOST (0.0.0.0), MLFLOW_WORKERS (4), PG_PORT (5432),
+# Environment: MLFLOW_PORT (5000), MLFLOW_HOST (0.0.0.0), MLFLOW_WORKERS (1, see below), PG_PORT (5432),
 # ARTIFACTS (where the server keeps artifacts: STATE_DIR/artifacts, or an object store such as
 # s3://bucket/distnet), MLFLOW (the mlflow command: the one on PATH).
 # PostgreSQL's tools refuse to run as root: as root they run as the `postgres` user of Debian's
@@ -50,10 +50,19 @@ as_pg "$pgbin/psql" -h 127.0.0.1 -p "$pg_port" -U mlflow -d postgres -tAc \
 if [ -f "$state/mlflow.pid" ] && kill -0 "$(cat "$state/mlflow.pid")" 2>/dev/null; then
   exit 0
 fi
-# A session of its own (setsid), so `stop` ends the server and its workers together.
+# A session of its own (setsid), so `stop` ends the server and its workers together. Without MLflow's
+# job runner (the GenAI judges' queue and its worker processes, which poll all the time): a training
+# cluster's tracking server needs none of it, and with it every request took ~40 ms instead of ~7
+# here (docs/benchmarks.md). MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true in the environment keeps it.
+# One server worker by default: with more, uvicorn (0.54) hands its workers a listening socket on
+# which asyncio leaves Nagle's algorithm on, and every request on a kept-alive connection waits ~43 ms
+# for the client's delayed ACK (uvicorn issue 3149). One worker served a tiny-cell sweep at 61 ms a
+# cell here against 80 ms with four (2 cores, docs/benchmarks.md); on a head with many cores and
+# many concurrent writers, more workers may still pay: MLFLOW_WORKERS=N.
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
 setsid "${MLFLOW:-mlflow}" server \
   --backend-store-uri "postgresql://mlflow@127.0.0.1:$pg_port/mlflow" \
   --artifacts-destination "${ARTIFACTS:-$state/artifacts}" \
-  --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" --workers "${MLFLOW_WORKERS:-4}" \
+  --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" --workers "${MLFLOW_WORKERS:-1}" \
   >"$state/mlflow.log" 2>&1 < /dev/null &
 echo $! >"$state/mlflow.pid"

@@ -35,7 +35,7 @@ def postgres_mlflow():
     state.chmod(0o755)  # the postgres user must reach its data directory inside
     port = free_port()
     env = {**os.environ, "MLFLOW": str(Path(sys.executable).parent / "mlflow"), "MLFLOW_HOST": "127.0.0.1",
-           "MLFLOW_PORT": str(port), "PG_PORT": str(free_port()), "MLFLOW_WORKERS": "2"}
+           "MLFLOW_PORT": str(port), "PG_PORT": str(free_port())}
     try:
         subprocess.run(["bash", str(SCRIPT), "start", str(state)], env=env, check=True, timeout=120)
         uri = f"http://127.0.0.1:{port}"
