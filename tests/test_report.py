@@ -14,7 +14,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from distnet import cli, launch, report, steptable, sweep
+from distnet import cellrecords, cli, launch, report, steptable, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,6 +156,30 @@ def test_report_on_a_tiny_finished_sweep(ray_cluster, tracking_uri, tmp_path, mo
     client = MlflowClient(tracking_uri)
     logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert {f"report/{name}" for name in expected} <= logged
+
+
+def test_cell_records_are_read_back_per_run_in_step_order(tracking_uri, tmp_path):
+    """cellrecords.read: two jobs' parts, values written out of step order, only the keys asked for."""
+    client = MlflowClient(tracking_uri)
+    parent = client.create_run(client.create_experiment("records")).info.run_id
+    for job, run_ids in enumerate((["a", "b"], ["c"])):
+        collector = cellrecords.Collector(len(run_ids))
+        for k in range(len(run_ids)):
+            collector.metrics(k, [("speed/layer_1", 10.0 * k + 2, 0, 2), ("loss", 1.0, 0, 0), ("speed/layer_1", 10.0 * k, 0, 0)])
+            collector.step_rows(k, np.array([0, 1]), {"grad_norm/w/layer_1": np.array([0.5, 0.25], np.float32),
+                                                      "train/batch_loss": np.array([2.0, 1.0], np.float32)})
+        client.log_artifact(parent, str(cellrecords.write_part(tmp_path, f"job{job}", collector.table(run_ids))),
+                            cellrecords.ARTIFACT_DIR)
+    got = dict(cellrecords.read(client, parent, ("speed/", "step_metrics/grad_norm/w/")))
+    assert sorted(got) == ["a", "b", "c"]
+    for run_id, record in got.items():
+        k = 1 if run_id == "b" else 0
+        assert sorted(record) == ["speed/layer_1", "step_metrics/grad_norm/w/layer_1"]
+        steps, values = record["speed/layer_1"]
+        assert steps.tolist() == [0, 2] and values.tolist() == [10.0 * k, 10.0 * k + 2]
+        steps, values = record["step_metrics/grad_norm/w/layer_1"]
+        assert steps.tolist() == [0, 1] and values.tolist() == [0.5, 0.25]
+    assert sorted(dict(cellrecords.read(client, parent))["a"]) == ["loss", "speed/layer_1", "step_metrics/grad_norm/w/layer_1"]
 
 
 def assert_same_runs(a: list[report.Run], b: list[report.Run]) -> None:
