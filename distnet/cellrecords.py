@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,8 @@ from mlflow.tracking import MlflowClient
 ARTIFACT_DIR = "cells"
 STEP_PREFIX = "step_metrics/"
 STEP_COLUMNS = "grad_norm/w/"  # the step-table columns kept: the report's per-step figures draw these
+# A cell as read back: its run id and {key: (steps, values)}.
+Record = tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]
 
 
 class Collector:
@@ -62,15 +65,41 @@ def write_part(folder: Path, name: str, table: pa.Table) -> Path:
     return path
 
 
-def read(client: MlflowClient, parent_run_id: str) -> dict[str, dict[str, dict[int, float]]]:
-    """run_id -> key -> {step: value}, for every cell whose job wrote a part; {} if none did."""
+def read(client: MlflowClient, parent_run_id: str, prefixes: tuple[str, ...] = ("",)) -> Iterator[Record]:
+    """Per cell whose job wrote a part: (run_id, {key: (steps int64, values float64)}), each key's
+    values in step order, for the keys that start with one of `prefixes`. Nothing if no job wrote a
+    part. A part is one job's, so a cell's records are all in one part: parts are grouped one at a
+    time, and only the values kept ever become arrays of their own."""
     parts = [a.path for a in client.list_artifacts(parent_run_id, ARTIFACT_DIR) if a.path.endswith(".parquet")]
     if not parts:
-        return {}
+        return
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(client.download_artifacts(parent_run_id, ARTIFACT_DIR, tmp))
-        table = pa.concat_tables([pq.read_table(local / Path(p).name) for p in parts]).combine_chunks()
-    out: dict[str, dict[str, dict[int, float]]] = {}
-    for run_id, key, step, value in zip(*(table.column(c).to_pylist() for c in ("run_id", "key", "step", "value"))):
-        out.setdefault(run_id, {}).setdefault(key, {})[step] = value
-    return out
+        for p in parts:
+            yield from _by_run(pq.read_table(local / Path(p).name), prefixes)
+
+
+def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """A string column as (codes [n], names): one name per distinct value, not per row."""
+    encoded = column.combine_chunks()
+    if not pa.types.is_dictionary(encoded.type):
+        encoded = encoded.dictionary_encode()
+    return encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary.to_pylist()
+
+
+def _by_run(table: pa.Table, prefixes: tuple[str, ...]) -> Iterator[Record]:
+    runs, run_ids = _codes(table.column("run_id"))
+    keys, names = _codes(table.column("key"))
+    keep = np.array([name.startswith(prefixes) for name in names], dtype=bool)[keys]
+    runs, keys = runs[keep], keys[keep]
+    steps, values = table.column("step").to_numpy()[keep], table.column("value").to_numpy()[keep]
+    order = np.lexsort((steps, keys, runs))
+    runs, keys, steps, values = runs[order], keys[order], steps[order], values[order]
+    starts = np.flatnonzero((np.diff(runs, prepend=-1) != 0) | (np.diff(keys, prepend=-1) != 0))  # of each (run, key)
+    ends = np.append(starts[1:], len(runs))
+    record: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        record[names[keys[a]]] = steps[a:b], values[a:b]
+        if b == len(runs) or runs[b] != runs[a]:
+            yield run_ids[runs[a]], record
+            record = {}

@@ -55,7 +55,7 @@ def _report(args) -> int:
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     out = Path(args.out or Path("reports") / "_".join(args.runs)[:80])
     try:
-        manifest, parent = report.report(uri, args.runs, out)
+        manifest, parent = report.report(uri, args.runs, out, args.all_figures)
     except report.ReportError as e:
         print(f"distnet: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -178,6 +178,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", help="a sweep name (its newest parent run) or MLflow run ids")
     r.add_argument("--out", help="output folder (default reports/<name>)")
     r.add_argument("--tracking-uri", help="as for train")
+    r.add_argument("--all-figures", action="store_true",
+                   help="draw the per-(activation, init) figures of every group, not only the dozen the default "
+                        "spreads over a larger grid (the heatmaps and tables cover every cell either way)")
     r.set_defaults(func=_report)
 
     u = sub.add_parser("ui", help="serve the MLflow UI and print links to a sweep's cells in chart view, or to a run's metrics")

@@ -15,13 +15,21 @@ min..max over seeds):
 - grad_norm_<activation>_<init>.png: every layer's weight-gradient norm at every step, from the
   runs' step tables (steptable), one panel per depth, one line per layer.
 
+The per-group figures (and init_profile's panels) are drawn for at most GROUP_FIGURES (activation,
+init) groups, spread over the grid (report.md names them; `--all-figures` draws every group); the
+heatmaps and the tables cover every cell. A sweep's runs are read from its listing and its cell
+records (cellrecords), run by run only where records are missing.
+
 Extraction (MLflow -> arrays) and drawing are separate functions so the numbers behind every
 figure can be tested on their own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +43,7 @@ from matplotlib.collections import QuadMesh  # noqa: E402
 import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from distnet import meanfield, registry, steptable, tracking  # noqa: E402
+from distnet import cellrecords, meanfield, registry, steptable, tracking  # noqa: E402
 
 
 class ReportError(ValueError):
@@ -126,30 +134,69 @@ def _variances(params: dict) -> tuple[float, float]:
     return float(params.get("model.sigma_w", 1.0)) ** 2, bias ** 2
 
 
-def read_runs(uri: str, mlflow_runs: list) -> list[Run]:
-    """The cells' tags and the epoch-indexed series of every hidden layer."""
+LAYER_SERIES = ("speed", "act/saturated", "act/mean", "act/std")  # epoch series per hidden layer
+# A cell's records that the report reads: its epoch series and the step tables' weight-gradient norms.
+RECORD_PREFIXES = tuple(f"{s}/layer_" for s in LAYER_SERIES) + ("test/acc", "val/acc",
+                                                                 cellrecords.STEP_PREFIX + cellrecords.STEP_COLUMNS)
+# MLflow's SQL stores keep an infinite metric value as the largest float (a diverged layer's norm):
+# read back as the infinity it was, as the cell records hold it.
+SQL_INF = sys.float_info.max
+
+
+def _listed(r, variant: str) -> tuple[Run, list[str]]:
+    """A listed run's cell, from its tags, params and latest metrics, and the series keys to read."""
+    tags, metrics = r.data.tags, r.data.metrics
+    depth = int(tags["depth"])
+    acc_key = "test/acc" if "test/acc" in metrics else "val/acc"
+    run = Run(r.info.run_id, tags["activation"], tags["init"], depth, int(tags["seed"]),
+              tags.get("distnet.status") or r.info.status.lower(), metrics.get(acc_key, math.nan), variant=variant)
+    if "model.init" in r.data.params:
+        run.sigma_w2, run.sigma_b2 = _variances(r.data.params)
+    keys = [f"{s}/layer_{l}" for l in range(1, depth + 1) for s in LAYER_SERIES] + [acc_key]
+    return run, keys
+
+
+def _from_records(run: Run, keys: list[str], record: dict[str, tuple[np.ndarray, np.ndarray]]) -> Run:
+    """Series and step columns from the cell's records, in the types the run's own reads give."""
+    empty = (np.array([], np.int64), np.array([]))
+    for key in keys:
+        steps, values = record.get(key, empty)
+        run.series[key] = dict(zip(steps.tolist(), values.tolist()))
+    columns = {k[len(cellrecords.STEP_PREFIX):]: v for k, v in record.items() if k.startswith(cellrecords.STEP_PREFIX)}
+    if columns:  # the step table's float32 values, exactly (the records widened them to float64)
+        run.steps = {"step": columns["grad_norm/w/layer_1"][0].copy()} | {k: v.astype(np.float32)
+                                                                         for k, (_, v) in columns.items()}
+    return run
+
+
+def _from_run(client: MlflowClient, run: Run, keys: list[str]) -> Run:
+    """Series and step columns read from the run itself: a request per key, and its step table."""
+    for key in keys:
+        run.series[key] = {m.step: math.copysign(math.inf, m.value) if abs(m.value) == SQL_INF else m.value
+                           for m in client.get_metric_history(run.run_id, key)}
+    table = steptable.read(client, run.run_id)
+    run.steps = {k: v for k, v in table.items() if k == "step" or k.startswith("grad_norm/w/")}
+    return run
+
+
+def read_runs(uri: str, mlflow_runs: list, parent: str | None = None) -> list[Run]:
+    """Each listed run's cell, epoch series of every hidden layer and step-table weight-gradient
+    norms: from the sweep `parent`'s cell records, and for the runs they lack (a job resumed after
+    a restart, a sweep recorded before there were records, plain run ids) from the run itself,
+    SERVER_CONCURRENCY at once through a server. Either way gives the same Run."""
     client = MlflowClient(uri)
-    out = []
-    for r, variant in zip(mlflow_runs, variants(mlflow_runs)):
-        tags, metrics = r.data.tags, r.data.metrics
-        depth = int(tags["depth"])
-        acc_key = "test/acc" if "test/acc" in metrics else "val/acc"
-        run = Run(r.info.run_id, tags["activation"], tags["init"], depth, int(tags["seed"]),
-                  tags.get("distnet.status") or r.info.status.lower(), metrics.get(acc_key, math.nan),
-                  variant=variant)
-        if "model.init" in r.data.params:
-            run.sigma_w2, run.sigma_b2 = _variances(r.data.params)
-        for layer in range(1, depth + 1):
-            for key in (f"speed/layer_{layer}", f"act/saturated/layer_{layer}", f"act/mean/layer_{layer}",
-                        f"act/std/layer_{layer}"):
-                run.series[key] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, key)}
-        run.series[acc_key] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, acc_key)}
-        table = steptable.read(client, r.info.run_id)
-        run.steps = {k: v for k, v in table.items() if k == "step" or k.startswith("grad_norm/w/")}
-        out.append(run)
+    listed = {r.info.run_id: _listed(r, variant) for r, variant in zip(mlflow_runs, variants(mlflow_runs))}
+    out = {}
+    if parent is not None:
+        for run_id, record in cellrecords.read(client, parent, RECORD_PREFIXES):
+            if run_id in listed:  # records of runs since deleted (cells re-run) are left
+                out[run_id] = _from_records(*listed[run_id], record)
+    missing = [cell for run_id, cell in listed.items() if run_id not in out]
+    for run in tracking.concurrent(uri, lambda cell: _from_run(client, *cell), missing):
+        out[run.run_id] = run
     if not out:
         raise ReportError("no runs to report on")
-    return out
+    return [out[run_id] for run_id in listed]
 
 
 # ---------------------------------------------------------------- extraction
@@ -503,39 +550,63 @@ def _fmt(x: float, pct: bool = True) -> str:
     return "-" if math.isnan(x) else (f"{x * 100:.2f}" if pct else f"{x:.3g}")
 
 
-def write_report(runs: list[Run], out: Path, title: str) -> dict[str, dict]:
-    """Every figure and report.md into `out`; returns the manifest {file: figure_counts}."""
-    out.mkdir(parents=True, exist_ok=True)
-    eval_name = "test" if any("test/acc" in r.series for r in runs) else "validation"
-    figures = {}
-    speed, saturation = layer_curves(runs, "speed"), layer_curves(runs, "act/saturated")
-    act_mean, act_std = layer_curves(runs, "act/mean"), layer_curves(runs, "act/std")
+# Per-(activation, init) groups whose figures (speed_, saturation_, activation_, grad_norm_ and a
+# panel of init_profile) are drawn by default. A group's four figures, a panel per depth, take about
+# 4.5 s of CPU to draw here: a 9 x 9 grid's 81 groups would take 6 minutes of a report meant to
+# finish in 2 at 10,000 cells, of which listing the cells takes 15 to 50 s. Nine take 40 s, and on
+# a 9 x 9 grid they are one group per activation and per init. The accuracy heatmaps and the
+# tables cover every cell whatever this is.
+GROUP_FIGURES = 9
+
+
+def drawn_groups(runs: list[Run], limit: int | None) -> list[tuple[str, str]]:
+    """The groups whose figures are drawn: all of them, or past `limit` that many evenly spaced in
+    (activation, init) order."""
+    groups = sorted({r.group for r in runs})
+    if limit is None or len(groups) <= limit:
+        return groups
+    return [groups[i] for i in np.linspace(0, len(groups) - 1, limit).round().astype(int)]
+
+
+def figures(runs: list[Run], groups: list[tuple[str, str]], maps: list[TrainabilityMap], eval_name: str):
+    """(file name, figure) of each figure, one at a time: the per-group ones for `groups` only."""
+    drawn = set(groups)
+    shown = [r for r in runs if r.group in drawn]
+    speed, saturation = layer_curves(shown, "speed"), layer_curves(shown, "act/saturated")
+    act_mean, act_std = layer_curves(shown, "act/mean"), layer_curves(shown, "act/std")
     for (act, init), curves in speed.items():
         g, name = (act, init), f"{_slug(act)}_{_slug(init)}.png"
-        figures[f"speed_{name}"] = layer_figure(
+        yield f"speed_{name}", layer_figure(
             curves, f"Speed of learning: {act}, {init}", "bias-gradient norm (probe)", log=True)
-        figures[f"saturation_{name}"] = layer_figure(
+        yield f"saturation_{name}", layer_figure(
             saturation[g], f"Saturated units: {act}, {init}", "fraction saturated", log=False)
-        figures[f"activation_{name}"] = layer_figure(
+        yield f"activation_{name}", layer_figure(
             within_layer(act_mean[g], act_std[g]), f"Activations, mean +- std over units: {act}, {init}",
             "activation (probe images)", log=False, band=True)
-    for (act, init), curves in step_curves(runs).items():
-        figures[f"grad_norm_{_slug(act)}_{_slug(init)}.png"] = layer_figure(
+    for (act, init), curves in step_curves(shown).items():
+        yield f"grad_norm_{_slug(act)}_{_slug(init)}.png", layer_figure(
             curves, f"Weight-gradient norm at every step: {act}, {init}", "|grad W| (global batch)", log=True,
             x="step", line="layer")
-    profiles = {g: p for g, p in init_profile(runs).items() if p}
+    profiles = {g: p for g, p in init_profile(shown).items() if p}
     if profiles:
-        figures["init_profile.png"] = profile_figure(profiles)
-    figures["accuracy.png"] = accuracy_figure(accuracy_grid(runs), eval_name)
-    maps = trainability_maps(runs)
+        yield "init_profile.png", profile_figure(profiles)
+    yield "accuracy.png", accuracy_figure(accuracy_grid(runs), eval_name)
     for m in maps:
         name = _slug(f"{m.activation}_{m.sigma_b2:g}{'_' + m.other if m.other else ''}")
-        figures[f"trainability_{name}.png"] = trainability_figure(m, eval_name)
+        yield f"trainability_{name}.png", trainability_figure(m, eval_name)
         depth, profile = init_grad_profile(m)
         if profile:
-            figures[f"meanfield_grad_profile_{name}.png"] = grad_profile_figure(m, depth, profile)
+            yield f"meanfield_grad_profile_{name}.png", grad_profile_figure(m, depth, profile)
+
+
+def write_report(runs: list[Run], out: Path, title: str, group_figures: int | None = GROUP_FIGURES) -> dict[str, dict]:
+    """Every figure (the per-group ones for at most `group_figures` groups, None: all) and report.md
+    into `out`; returns the manifest {file: figure_counts}."""
+    out.mkdir(parents=True, exist_ok=True)
+    eval_name = "test" if any("test/acc" in r.series for r in runs) else "validation"
+    groups, maps = drawn_groups(runs, group_figures), trainability_maps(runs)
     manifest = {}
-    for name, fig in figures.items():
+    for name, fig in figures(runs, groups, maps, eval_name):  # each saved and closed before the next is made
         manifest[name] = figure_counts(fig)
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
@@ -561,9 +632,20 @@ def write_report(runs: list[Run], out: Path, title: str) -> dict[str, dict]:
                          f"{r['ratio']:.3g} |")
     for m in maps:
         lines += trainability_lines(m)
-    lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in manifest]
+    lines += ["", "## Figures", ""] + capped_lines(runs, groups) + [f"![{name}]({name})" for name in manifest]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return manifest
+
+
+def capped_lines(runs: list[Run], groups: list[tuple[str, str]]) -> list[str]:
+    """report.md's word on the groups left undrawn, if any: which were drawn and how to draw all."""
+    n = len({r.group for r in runs})
+    if len(groups) == n:
+        return []
+    return [f"Per-group figures (speed, saturation, activation, grad_norm, init_profile panels) for {len(groups)} "
+            f"of the {n} (activation, init) groups, evenly spaced in that order: "
+            + ", ".join(f"{act} {init}" for act, init in groups) + ". The accuracy heatmaps and the tables "
+            "cover every cell; `distnet report ... --all-figures` draws every group.", ""]
 
 
 def trainability_lines(m: TrainabilityMap) -> list[str]:
@@ -601,10 +683,29 @@ def trainability_lines(m: TrainabilityMap) -> list[str]:
     return lines
 
 
-def report(uri: str, selector: list[str], out: Path) -> tuple[dict[str, dict], str | None]:
-    """`distnet report`: the files in `out`, also logged under `report/` of the sweep's parent run."""
-    mlflow_runs, parent, title = find_runs(uri, selector)
-    manifest = write_report(read_runs(uri, mlflow_runs), out, title)
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off while a sweep is read: listing it builds about 120
+    objects per cell (the store's rows, then MLflow's entities) and each full collection walks every
+    one of them again; at 10,530 cells that was 25 of the listing's 37 s of CPU here (from a sqlite
+    store), for the same peak memory."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def report(uri: str, selector: list[str], out: Path, all_figures: bool = False) -> tuple[dict[str, dict], str | None]:
+    """`distnet report`: the files in `out`, also logged under `report/` of the sweep's parent run;
+    the per-group figures for GROUP_FIGURES groups unless `all_figures`."""
+    with gc_paused():
+        mlflow_runs, parent, title = find_runs(uri, selector)
+        runs = read_runs(uri, mlflow_runs, parent)
+        del mlflow_runs  # the listing (every run's latest metrics, params, tags): freed before drawing
+    manifest = write_report(runs, out, title, None if all_figures else GROUP_FIGURES)
     if parent is not None:
         MlflowClient(uri).log_artifacts(parent, str(out), "report")
     return manifest, parent

@@ -4,15 +4,17 @@ report on a tiny finished sweep (real Ray, real MLflow): every file, every line 
 import math
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import matplotlib.image
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from distnet import launch, report, steptable, sweep
+from distnet import cellrecords, cli, launch, report, steptable, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,6 +158,96 @@ def test_report_on_a_tiny_finished_sweep(ray_cluster, tracking_uri, tmp_path, mo
     assert {f"report/{name}" for name in expected} <= logged
 
 
+def test_cell_records_are_read_back_per_run_in_step_order(tracking_uri, tmp_path):
+    """cellrecords.read: two jobs' parts, values written out of step order, only the keys asked for."""
+    client = MlflowClient(tracking_uri)
+    parent = client.create_run(client.create_experiment("records")).info.run_id
+    for job, run_ids in enumerate((["a", "b"], ["c"])):
+        collector = cellrecords.Collector(len(run_ids))
+        for k in range(len(run_ids)):
+            collector.metrics(k, [("speed/layer_1", 10.0 * k + 2, 0, 2), ("loss", 1.0, 0, 0), ("speed/layer_1", 10.0 * k, 0, 0)])
+            collector.step_rows(k, np.array([0, 1]), {"grad_norm/w/layer_1": np.array([0.5, 0.25], np.float32),
+                                                      "train/batch_loss": np.array([2.0, 1.0], np.float32)})
+        client.log_artifact(parent, str(cellrecords.write_part(tmp_path, f"job{job}", collector.table(run_ids))),
+                            cellrecords.ARTIFACT_DIR)
+    got = dict(cellrecords.read(client, parent, ("speed/", "step_metrics/grad_norm/w/")))
+    assert sorted(got) == ["a", "b", "c"]
+    for run_id, record in got.items():
+        k = 1 if run_id == "b" else 0
+        assert sorted(record) == ["speed/layer_1", "step_metrics/grad_norm/w/layer_1"]
+        steps, values = record["speed/layer_1"]
+        assert steps.tolist() == [0, 2] and values.tolist() == [10.0 * k, 10.0 * k + 2]
+        steps, values = record["step_metrics/grad_norm/w/layer_1"]
+        assert steps.tolist() == [0, 1] and values.tolist() == [0.5, 0.25]
+    assert sorted(dict(cellrecords.read(client, parent))["a"]) == ["loss", "speed/layer_1", "step_metrics/grad_norm/w/layer_1"]
+
+
+def assert_same_runs(a: list[report.Run], b: list[report.Run]) -> None:
+    """Two reads of the same runs agree on every field, series value and step-table column."""
+    assert [r.run_id for r in a] == [r.run_id for r in b]
+    for x, y in zip(a, b):
+        assert (x.activation, x.init, x.depth, x.seed, x.status, x.variant, x.sigma_w2, x.sigma_b2) == \
+               (y.activation, y.init, y.depth, y.seed, y.status, y.variant, y.sigma_w2, y.sigma_b2)
+        assert x.acc == y.acc and x.series == y.series  # a trained cell's numbers are finite
+        assert x.steps.keys() == y.steps.keys()
+        for k in x.steps:
+            assert x.steps[k].dtype == y.steps[k].dtype and np.array_equal(x.steps[k], y.steps[k]), k
+
+
+def test_records_and_run_reads_give_the_same_report(ray_cluster, tracking_uri, tmp_path, monkeypatch):
+    """A real sweep read from its cell records, and run by run: the same Runs and the same report;
+    a job whose part is gone is read from its runs; past the group cap, the figures of the groups
+    drawn and a word on the others."""
+    monkeypatch.chdir(tmp_path)
+    sw = sweep.build_sweep({
+        "name": "both", "model": {"width": 16}, "train": {"epochs": 2, "log_every": 5},
+        "data": {"train_limit": 1280, "eval_limit": 300}, "ray": {"num_workers": 1}, "mlflow": {"experiment": "both"},
+        "sweep": {"pack": 8}, "grid": {"model.depth": [1, 2], "model.init": ["xavier_normal", "nielsen"],
+                                       "model.activation": ["sigmoid", "tanh"], "seed": [0, 1]}})
+    result = launch.run_sweep(sw, tracking_uri, say=lambda *_: None)
+    assert result.trained == 16 and not result.failed
+    listed, parent, _ = report.find_runs(tracking_uri, ["both"])
+    per_run = report.read_runs(tracking_uri, listed)
+    assert all(sorted(r.acc_series) == [0, 1, 2] and len(r.steps["step"]) == 20 for r in per_run)
+
+    reads = []
+    get_history = MlflowClient.get_metric_history
+    monkeypatch.setattr(MlflowClient, "get_metric_history", lambda self, run_id, key: reads.append(run_id) or
+                        get_history(self, run_id, key))
+    assert_same_runs(report.read_runs(tracking_uri, listed, parent), per_run)
+    assert reads == []  # every cell came from the records
+    assert report.write_report(report.read_runs(tracking_uri, listed, parent), tmp_path / "records", "both") == \
+        report.write_report(per_run, tmp_path / "runs", "both")
+    assert (tmp_path / "records" / "report.md").read_text() == (tmp_path / "runs" / "report.md").read_text()
+
+    # A job's part gone (as after a restart, which writes none): its cells (one depth and activation,
+    # 4 runs) are read run by run, the rest from the records, to the same Runs.
+    cells = Path(MlflowClient(tracking_uri).get_run(parent).info.artifact_uri.removeprefix("file://")) / "cells"
+    parts = sorted(cells.glob("*.parquet"))
+    assert len(parts) == 4  # a job per depth x activation
+    lost = set(pq.read_table(parts[0]).column("run_id").to_pylist())
+    parts[0].unlink()
+    assert_same_runs(report.read_runs(tracking_uri, listed, parent), per_run)
+    assert set(reads) == lost and len(lost) == 4
+
+    # The group cap: 2 of the 4 (activation, init) groups drawn, said so; heatmaps and tables whole.
+    monkeypatch.setattr(report, "GROUP_FIGURES", 2)
+    manifest, _ = report.report(tracking_uri, ["both"], tmp_path / "capped")
+    drawn = report.drawn_groups(per_run, 2)
+    assert drawn == [("sigmoid", "nielsen"), ("tanh", "xavier_normal")]  # the first and the last
+    assert {n for n in manifest if n.startswith(("speed_", "saturation_", "activation_", "grad_norm_"))} == \
+        {f"{kind}_{act}_{init}.png" for kind in ("speed", "saturation", "activation", "grad_norm") for act, init in drawn}
+    assert manifest["init_profile.png"]["panels"] == 2 and manifest["accuracy.png"]["cells"] == [4, 4]
+    text = (tmp_path / "capped" / "report.md").read_text()
+    assert "for 2 of the 4 (activation, init) groups" in text and "sigmoid nielsen, tanh xavier_normal." in text
+    assert "--all-figures" in text and "16 runs in 8 cells" in text
+    assert text.count("| sigmoid |") == text.count("| tanh |") == 8  # every cell in both tables
+    everything, _ = report.report(tracking_uri, ["both"], tmp_path / "all", all_figures=True)
+    assert len([n for n in everything if n.startswith("speed_")]) == 4
+    assert "--all-figures" not in (tmp_path / "all" / "report.md").read_text()
+    assert cli.parser().parse_args(["report", "both", "--all-figures"]).all_figures
+
+
 def fill_meanfield(uri: str) -> dict:
     """tanh, lecun_normal, sigma_b^2 = 0.05 runs over sigma_w^2 {1.0, 1.76, 4.0} x depth {10, 60} x
     seeds {0, 1}, params as distnet logs them (the gains sigma_w, sigma_b); test/acc known per epoch;
@@ -179,7 +271,9 @@ def fill_meanfield(uri: str) -> dict:
                                  params=[mlflow_param(k, v) for k, v in params.items()])
                 norms = {f"grad_norm/w/layer_{l}": np.array([(seed + 1) * factor[sw] ** ((depth + 1 - l) / 2), 1.0])
                          for l in range(1, depth + 2)}
-                steptable.write_part(client, run.info.run_id, np.array([0, 1]), norms)
+                with tempfile.TemporaryDirectory() as tmp:
+                    part = steptable.write_part(Path(tmp), np.array([0, 1]), norms)
+                    client.log_artifact(run.info.run_id, str(part), steptable.ARTIFACT_DIR)
                 client.set_terminated(run.info.run_id)
     return {"experiment": exp, "acc": acc, "factor": factor}
 
