@@ -179,7 +179,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default reports/<name>)")
     r.add_argument("--tracking-uri", help="as for train")
     r.add_argument("--all-figures", action="store_true",
-                   help="draw the per-(activation, init) figures of every group, not only the dozen the default "
+                   help="draw the per-(activation, init) figures of every group, not only the few the default "
                         "spreads over a larger grid (the heatmaps and tables cover every cell either way)")
     r.set_defaults(func=_report)
 
