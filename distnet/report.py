@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,9 +137,6 @@ LAYER_SERIES = ("speed", "act/saturated", "act/mean", "act/std")  # epoch series
 # A cell's records that the report reads: its epoch series and the step tables' weight-gradient norms.
 RECORD_PREFIXES = tuple(f"{s}/layer_" for s in LAYER_SERIES) + ("test/acc", "val/acc",
                                                                  cellrecords.STEP_PREFIX + cellrecords.STEP_COLUMNS)
-# MLflow's SQL stores keep an infinite metric value as the largest float (a diverged layer's norm):
-# read back as the infinity it was, as the cell records hold it.
-SQL_INF = sys.float_info.max
 
 
 def _listed(r, variant: str) -> tuple[Run, list[str]]:
@@ -172,7 +168,7 @@ def _from_records(run: Run, keys: list[str], record: dict[str, tuple[np.ndarray,
 def _from_run(client: MlflowClient, run: Run, keys: list[str]) -> Run:
     """Series and step columns read from the run itself: a request per key, and its step table."""
     for key in keys:
-        run.series[key] = {m.step: math.copysign(math.inf, m.value) if abs(m.value) == SQL_INF else m.value
+        run.series[key] = {m.step: tracking.unstored(m.value)
                            for m in client.get_metric_history(run.run_id, key)}
     table = steptable.read(client, run.run_id)
     run.steps = {k: v for k, v in table.items() if k == "step" or k.startswith("grad_norm/w/")}

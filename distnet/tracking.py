@@ -17,7 +17,9 @@ No request asks for what distnet already knows: a run's artifact location comes 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import sys
 import tempfile
 import time
 import urllib.request
@@ -504,6 +506,12 @@ def finish_parent(uri: str, run_id: str, summary_csv: str) -> None:
     retry_locked(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
+def unstored(value: float) -> float:
+    """A metric value as logged: MLflow's SQL stores keep an infinity (a diverged layer's norm) as the
+    largest float of its sign."""
+    return math.copysign(math.inf, value) if abs(value) == sys.float_info.max else value
+
+
 def cell_summary(uri: str, run, n_layers: int, eval_prefix: str) -> dict:
     """A listed cell run's summary row, as MlflowSink.close returned it when it trained: status,
     final accuracy, and the layer-1 / last-layer weight-gradient-norm ratio at the first and the
@@ -511,7 +519,7 @@ def cell_summary(uri: str, run, n_layers: int, eval_prefix: str) -> dict:
     runs recorded before distnet logged it)."""
     metrics = run.data.metrics
     if RATIO_INIT in metrics:
-        ratio_init, ratio_end = metrics[RATIO_INIT], metrics[RATIO_END]
+        ratio_init, ratio_end = unstored(metrics[RATIO_INIT]), unstored(metrics[RATIO_END])
     else:
         table = steptable.read(MlflowClient(uri), run.info.run_id)
         first, last = table.get("grad_norm/w/layer_1"), table.get(f"grad_norm/w/layer_{n_layers}")
