@@ -39,9 +39,16 @@ mkdir -p "$state/pg"
 if [ ! -f "$state/pg/PG_VERSION" ]; then
   as_pg "$pgbin/initdb" -D "$state/pg" -U mlflow --auth=trust -E UTF8 >"$state/initdb.log"
 fi
+# Each server worker keeps up to 40 database connections (MLflow's default pool, 5 + 10, ran out
+# under a 10,000-cell sweep's concurrent writers: requests waited 30 s and failed); PostgreSQL
+# admits them all, and a few more for psql.
+workers=${MLFLOW_WORKERS:-1}
+export MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=${MLFLOW_SQLALCHEMYSTORE_POOL_SIZE:-20}
+export MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=${MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW:-20}
+max_connections=$(( workers * (MLFLOW_SQLALCHEMYSTORE_POOL_SIZE + MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW) + 10 ))
 if ! as_pg "$pgbin/pg_ctl" -D "$state/pg" status >/dev/null 2>&1; then
   as_pg "$pgbin/pg_ctl" -D "$state/pg" -l "$state/pg/server.log" -w \
-    -o "-p $pg_port -k $state/pg -c listen_addresses=127.0.0.1" start >/dev/null
+    -o "-p $pg_port -k $state/pg -c listen_addresses=127.0.0.1 -c max_connections=$max_connections" start >/dev/null
 fi
 as_pg "$pgbin/psql" -h 127.0.0.1 -p "$pg_port" -U mlflow -d postgres -tAc \
   "SELECT 1 FROM pg_database WHERE datname = 'mlflow'" | grep -q 1 ||
@@ -63,6 +70,6 @@ MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} 
 setsid "${MLFLOW:-mlflow}" server \
   --backend-store-uri "postgresql://mlflow@127.0.0.1:$pg_port/mlflow" \
   --artifacts-destination "${ARTIFACTS:-$state/artifacts}" \
-  --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" --workers "${MLFLOW_WORKERS:-1}" \
+  --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" --workers "$workers" \
   >"$state/mlflow.log" 2>&1 < /dev/null &
 echo $! >"$state/mlflow.pid"

@@ -44,9 +44,11 @@ MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
 SQLITE = "sqlite:///"
-# Requests in flight at once to a tracking server. A local sqlite store takes one writer at a time
-# (and its requests are CPU, not waiting), so there they go one after another.
-SERVER_CONCURRENCY = 8
+# Requests in flight at once from one writer (the driver, each rank 0) to a tracking server: enough
+# to hide the round trips (a one-worker server here was as fast with 1 as with 8), few enough that
+# a cluster's writers together stay within the server's database connections. A local sqlite store
+# takes one writer at a time (and its requests are CPU, not waiting): one after another there.
+SERVER_CONCURRENCY = 4
 # The sweep summary's gradient ratio, |grad W_1| / |grad W_L| at the first and the last step of the
 # step table: logged with the final metrics, so a rerun summarises finished cells from the listing.
 RATIO_INIT, RATIO_END = "grad_ratio/init", "grad_ratio/end"
@@ -168,12 +170,12 @@ def create_runs(uri: str, cfg: Config, exp_id: str | None = None, parent_run_id:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         tags.update(extra_tags[k] if extra_tags else {})
-        run = retry_locked(client.create_run, exp_id, run_name=tags.pop("mlflow.runName", name), tags=tags)
+        run = retry_busy(client.create_run, exp_id, run_name=tags.pop("mlflow.runName", name), tags=tags)
         ref = RunRef(run.info.run_id, run.info.artifact_uri)
         mc = cfg.member_config(k)
         params = [Param(key, str(v)) for key, v in flatten(mc).items()]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            retry_locked(client.log_batch, ref.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
+            retry_busy(client.log_batch, ref.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
         upload_text(uri, ref, dump_yaml(mc), "config.yaml")
         return ref
 
@@ -186,14 +188,20 @@ def short_reason(error_text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def retry_locked(fn, *args, attempts: int = 8, **kwargs):
-    """Call fn, retrying while a local sqlite store is locked by another writer. Every MLflow write
-    we make is one transaction, so a retried call never writes twice."""
+# Errors that say the store is busy, not that the request is wrong: a local sqlite store locked by
+# another writer; a server whose database connections are all in use (SQLAlchemy's pool timeout,
+# which MLflow's server answers as a bad request).
+BUSY = ("database is locked", "QueuePool limit")
+
+
+def retry_busy(fn, *args, attempts: int = 8, **kwargs):
+    """Call fn, retrying with back-off while the store is busy. Every MLflow write we make is one
+    transaction, and a busy store wrote nothing of it, so a retried call never writes twice."""
     for i in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            if "database is locked" not in str(e) or i == attempts - 1:
+            if not any(b in str(e) for b in BUSY) or i == attempts - 1:
                 raise
             time.sleep(0.2 * 2**i)
 
@@ -201,7 +209,7 @@ def retry_locked(fn, *args, attempts: int = 8, **kwargs):
 def reopen_runs(uri: str, run_ids: list[str]) -> None:
     """RUNNING again: a resumed training continues the same runs."""
     client = MlflowClient(uri)
-    concurrent(uri, lambda run_id: retry_locked(client.update_run, run_id, status=RunStatus.to_string(RunStatus.RUNNING)),
+    concurrent(uri, lambda run_id: retry_busy(client.update_run, run_id, status=RunStatus.to_string(RunStatus.RUNNING)),
                run_ids)
 
 
@@ -211,7 +219,7 @@ def count_restart(uri: str, run_ids: list[str]) -> None:
 
     def bump(run_id: str) -> None:
         n = int(client.get_run(run_id).data.tags.get("distnet.restarts", "0")) + 1
-        retry_locked(client.set_tag, run_id, "distnet.restarts", str(n))
+        retry_busy(client.set_tag, run_id, "distnet.restarts", str(n))
 
     concurrent(uri, bump, run_ids)
 
@@ -224,9 +232,9 @@ def fail_runs(uri: str, run_ids: list[str], error: BaseException, tags: dict[str
 
     def fail(run_id: str) -> None:
         client.log_text(run_id, reason, "error.txt")
-        retry_locked(client.log_batch, run_id, tags=[RunTag("distnet.status", "failed"),
+        retry_busy(client.log_batch, run_id, tags=[RunTag("distnet.status", "failed"),
                                                      RunTag("distnet.error", reason[:5000])] + extra)
-        retry_locked(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FAILED))
+        retry_busy(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FAILED))
 
     concurrent(uri, fail, run_ids)
 
@@ -236,7 +244,7 @@ Row = tuple[str, float, int, int]  # a metric value: key, value, timestamp (ms),
 
 def write_batches(client: MlflowClient, run_id: str, metrics: list[Row], tags: list[RunTag] = ()) -> None:
     """Append metric values (and set tags) with MLflow's log_batch, within its 1000 entities a call.
-    Each call is one transaction (so retry_locked never writes one twice); values are in step order,
+    Each call is one transaction (so retry_busy never writes one twice); values are in step order,
     so a crash between calls leaves every key holding all its steps up to some step (what
     MlflowSink.restore relies on). The tags go with the last call."""
     chunks = [metrics[i:i + MAX_METRICS_PER_BATCH] for i in range(0, len(metrics), MAX_METRICS_PER_BATCH)]
@@ -244,9 +252,9 @@ def write_batches(client: MlflowClient, run_id: str, metrics: list[Row], tags: l
     if len(last) + len(tags) > MAX_METRICS_PER_BATCH:
         chunks, last = chunks + [last], []
     for chunk in chunks:
-        retry_locked(client.log_batch, run_id, metrics=[Metric(*row) for row in chunk])
+        retry_busy(client.log_batch, run_id, metrics=[Metric(*row) for row in chunk])
     if last or tags:
-        retry_locked(client.log_batch, run_id, metrics=[Metric(*row) for row in last], tags=list(tags))
+        retry_busy(client.log_batch, run_id, metrics=[Metric(*row) for row in last], tags=list(tags))
 
 
 class StepRows:
@@ -438,7 +446,7 @@ class MlflowSink:
             else:
                 status, tags = "finished", [RunTag("distnet.status", "finished")]
             self._write(k, tags + [RunTag("distnet.all_reduce", outcome.all_reduce)])
-            retry_locked(self.client.set_terminated, self.runs[k].run_id, RunStatus.to_string(RunStatus.FINISHED))
+            retry_busy(self.client.set_terminated, self.runs[k].run_id, RunStatus.to_string(RunStatus.FINISHED))
             return {"status": status, "acc": self.latest_values[k].get(outcome.acc_key, float("nan")),
                     "ratio_init": ratio_init, "ratio_end": ratio_end, "run_id": self.runs[k].run_id, "error": ""}
 
@@ -459,13 +467,13 @@ def sweep_parent(uri: str, exp_id: str, name: str, sweep_id: str, params: dict[s
     found = client.search_runs([exp_id], f"tags.`distnet.sweep_id` = '{sweep_id}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
-        retry_locked(client.update_run, run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        retry_busy(client.update_run, run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return RunRef(run_id, found[0].info.artifact_uri)
-    run = retry_locked(client.create_run, exp_id, run_name=name,
+    run = retry_busy(client.create_run, exp_id, run_name=name,
                        tags={"distnet.sweep_id": sweep_id, "distnet.kind": "sweep"})
     items = [Param(k, str(v)) for k, v in params.items()]
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        retry_locked(client.log_batch, run.info.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+        retry_busy(client.log_batch, run.info.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
     return RunRef(run.info.run_id, run.info.artifact_uri)
 
 
@@ -497,13 +505,13 @@ def child_runs(uri: str, parent_run_id: str) -> list:
 def delete_runs(uri: str, run_ids: list[str]) -> None:
     """Soft-delete (recoverable in the UI): a cell about to be re-run keeps one live run."""
     client = MlflowClient(uri)
-    concurrent(uri, lambda run_id: retry_locked(client.delete_run, run_id), run_ids)
+    concurrent(uri, lambda run_id: retry_busy(client.delete_run, run_id), run_ids)
 
 
 def finish_parent(uri: str, run_id: str, summary_csv: str) -> None:
     client = MlflowClient(uri)
     client.log_text(run_id, summary_csv, "summary.csv")
-    retry_locked(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FINISHED))
+    retry_busy(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
 def unstored(value: float) -> float:

@@ -251,7 +251,7 @@ def save_view(client: MlflowClient, experiment_id: str, key: str, name: str, sta
     blob = DEFLATE + base64.b64encode(zlib.compress(json.dumps(state).encode())).decode()
     now = int(time.time() * 1000)
     envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": blob}
-    tracking.retry_locked(client.set_experiment_tag, experiment_id, VIEW_TAG_PREFIX + key, json.dumps(envelope))
+    tracking.retry_busy(client.set_experiment_tag, experiment_id, VIEW_TAG_PREFIX + key, json.dumps(envelope))
 
 
 def sweep_target(uri: str, parent, group_by: str | None = None, aggregate: bool = False,
