@@ -548,10 +548,10 @@ def _fmt(x: float, pct: bool = True) -> str:
 
 # Per-(activation, init) groups whose figures (speed_, saturation_, activation_, grad_norm_ and a
 # panel of init_profile) are drawn by default. A group's four figures, a panel per depth, take about
-# 4.5 s of CPU to draw here: a 9 x 9 grid's 81 groups would take 6 minutes of a report meant to
-# finish in 2 at 10,000 cells, of which listing the cells takes 15 to 50 s. Nine take 40 s, and on
-# a 9 x 9 grid they are one group per activation and per init. The accuracy heatmaps and the
-# tables cover every cell whatever this is.
+# 5 s of CPU to draw here: the 81 groups of a 9 x 9 grid took 7 minutes, in a report meant to finish
+# in 2 at 10,000 cells where listing the cells takes 15 to 60 s. Nine groups, with the heatmaps and
+# tables, take 50 s, and on a 9 x 9 grid they are one group per activation and per init. The
+# accuracy heatmaps and the tables cover every cell whatever this is.
 GROUP_FIGURES = 9
 
 

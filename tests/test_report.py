@@ -165,7 +165,8 @@ def test_cell_records_are_read_back_per_run_in_step_order(tracking_uri, tmp_path
     for job, run_ids in enumerate((["a", "b"], ["c"])):
         collector = cellrecords.Collector(len(run_ids))
         for k in range(len(run_ids)):
-            collector.metrics(k, [("speed/layer_1", 10.0 * k + 2, 0, 2), ("loss", 1.0, 0, 0), ("speed/layer_1", 10.0 * k, 0, 0)])
+            collector.metrics(k, [("speed/layer_1", 10.0 * k + 2, 0, 2), ("loss", 1.0, 0, 0),
+                                  ("speed/layer_1", 10.0 * k, 0, 0)])
             collector.step_rows(k, np.array([0, 1]), {"grad_norm/w/layer_1": np.array([0.5, 0.25], np.float32),
                                                       "train/batch_loss": np.array([2.0, 1.0], np.float32)})
         client.log_artifact(parent, str(cellrecords.write_part(tmp_path, f"job{job}", collector.table(run_ids))),
@@ -179,7 +180,8 @@ def test_cell_records_are_read_back_per_run_in_step_order(tracking_uri, tmp_path
         assert steps.tolist() == [0, 2] and values.tolist() == [10.0 * k, 10.0 * k + 2]
         steps, values = record["step_metrics/grad_norm/w/layer_1"]
         assert steps.tolist() == [0, 1] and values.tolist() == [0.5, 0.25]
-    assert sorted(dict(cellrecords.read(client, parent))["a"]) == ["loss", "speed/layer_1", "step_metrics/grad_norm/w/layer_1"]
+    everything = dict(cellrecords.read(client, parent))["a"]
+    assert sorted(everything) == ["loss", "speed/layer_1", "step_metrics/grad_norm/w/layer_1"]
 
 
 def assert_same_runs(a: list[report.Run], b: list[report.Run]) -> None:
@@ -236,7 +238,7 @@ def test_records_and_run_reads_give_the_same_report(ray_cluster, tracking_uri, t
     drawn = report.drawn_groups(per_run, 2)
     assert drawn == [("sigmoid", "nielsen"), ("tanh", "xavier_normal")]  # the first and the last
     assert {n for n in manifest if n.startswith(("speed_", "saturation_", "activation_", "grad_norm_"))} == \
-        {f"{kind}_{act}_{init}.png" for kind in ("speed", "saturation", "activation", "grad_norm") for act, init in drawn}
+        {f"{kind}_{a}_{i}.png" for kind in ("speed", "saturation", "activation", "grad_norm") for a, i in drawn}
     assert manifest["init_profile.png"]["panels"] == 2 and manifest["accuracy.png"]["cells"] == [4, 4]
     text = (tmp_path / "capped" / "report.md").read_text()
     assert "for 2 of the 4 (activation, init) groups" in text and "sigmoid nielsen, tanh xavier_normal." in text
