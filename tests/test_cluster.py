@@ -107,7 +107,7 @@ def submit(c: dict, work: Path, runtime_env: list[str], *command: str) -> str:
     for _ in range(30):  # a node's job agent comes up some seconds after `ray start` returns
         proc = run([str(BIN / "ray"), "job", "submit", "--address", c["dashboard"], "--working-dir", str(work),
                     *runtime_env, "--", *command], c["env"], timeout=600, check=False)
-        if "No available agent to submit job" not in proc.stderr:
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
             break
         time.sleep(2)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -45,16 +45,21 @@ BIG = {"name": "big", "model": {"width": 8}, "train": {"epochs": 1, "log_every":
        "sweep": {"pack": 68}, "grid": {"model.init": BIG_INITS, "model.depth": [1, 2], "seed": list(range(17))}}
 
 
-@pytest.fixture(scope="module")
-def finished_sweep(ray_cluster, tmp_path_factory):
-    """A finished 2 x 3 sweep (activation as a one-value axis, so every name carries it)."""
-    tmp = tmp_path_factory.mktemp("ui")
+def trained(tmp_path_factory, name: str, spec: dict):
+    """A sweep of `spec` trained into a fresh store in a folder of its own, the working directory
+    while it is used: yields (tracking URI, sweep, result)."""
+    tmp = tmp_path_factory.mktemp(name)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)
         db = f"sqlite:///{tmp / 'mlruns.db'}"
-        sw = sweep.build_sweep(SWEEP)
-        result = launch.run_sweep(sw, db, say=lambda *_: None)
-        yield db, sw, result
+        sw = sweep.build_sweep(spec)
+        yield db, sw, launch.run_sweep(sw, db, say=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(ray_cluster, tmp_path_factory):
+    """A finished 2 x 3 sweep (activation as a one-value axis, so every name carries it)."""
+    yield from trained(tmp_path_factory, "ui", SWEEP)
 
 
 @contextlib.contextmanager
@@ -93,15 +98,9 @@ def links(finished_sweep):
 
 @pytest.fixture(scope="module")
 def big_sweep(ray_cluster, tmp_path_factory):
-    """A finished sweep of 136 cells (BIG), the tracking URI and the time it took."""
-    tmp = tmp_path_factory.mktemp("ui-big")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp)
-        db = f"sqlite:///{tmp / 'mlruns.db'}"
-        start = time.monotonic()
-        result = launch.run_sweep(sweep.build_sweep(BIG), db, say=lambda *_: None)
+    """A finished sweep of 136 cells (BIG): its tracking URI."""
+    for db, _, result in trained(tmp_path_factory, "ui-big", BIG):
         assert len(result.rows) == 136 and not result.failed
-        print(f"BIG sweep: {time.monotonic() - start:.0f} s")
         yield db
 
 
