@@ -1,17 +1,18 @@
 """MLflow: one run per population member, written in as few requests as the record allows.
 
 A cell's record is its run's tags, params, `config.yaml`, interval and epoch metrics, and Parquet
-step table (steptable). Through a tracking server it costs six requests when the training fits in
-one checkpoint interval, three from the driver and three from rank 0, each side's issued for all
-the members of a job at once by a bounded pool of threads:
+step table (steptable). Through a tracking server it costs eight requests when the training fits in
+one checkpoint interval, four from the driver and four from rank 0, each side's issued for all the
+members of a job at once by a bounded pool of threads:
 - the driver, before the job is queued: `create_run` (every tag it knows, the parent link among
-  them), one `log_batch` of the params, the `config.yaml` upload;
-- rank 0, at each checkpoint: one step-table part upload and one `log_batch` of the metrics (and of
-  the tags it has learnt since: node, lane, trainer); at the end that last `log_batch` also carries
-  the outcome's tags, and `set_terminated` closes the run.
-No request asks for what distnet already knows: a run's artifact location comes with `create_run`
-(so uploads go straight to the artifact repository), the experiment is looked up once, and MLflow's
-"View run" link, which reads the run back, is turned off (distnet prints its own links).
+  them), one `log_batch` of the params, the `config.yaml` upload (which MlflowClient precedes with
+  one read of the run, for its artifact location);
+- rank 0, at each checkpoint: one step-table part upload (the first preceded by that read, once per
+  run and process) and one `log_batch` of the metrics (and of the tags it has learnt since: node,
+  lane, trainer); at the end that last `log_batch` also carries the outcome's tags, and
+  `set_terminated` closes the run.
+No other request asks for what distnet already knows: the experiment is looked up once, and
+MLflow's "View run" link, which reads the run back, is turned off (distnet prints its own links).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from distnet import cellrecords, steptable
@@ -96,23 +96,19 @@ def concurrent(uri: str, fn: Callable[..., T], items: Iterable) -> list[T]:
 
 @dataclasses.dataclass(frozen=True)
 class RunRef:
-    """A run as its writers need it: its id, and where its artifacts go (from create_run, so that
-    no upload has to ask the server again)."""
+    """A run as its writers hold it."""
 
     run_id: str
-    artifact_uri: str
 
 
 def upload(uri: str, run: RunRef, local_path: str | Path, artifact_dir: str | None = None) -> None:
-    """One file into the run's artifacts: a single request, straight to its artifact repository."""
-    get_artifact_repository(run.artifact_uri, tracking_uri=uri).log_artifact(str(local_path), artifact_dir)
+    """One file into the run's artifacts (MlflowClient asks the server for the run's artifact location
+    once per run and process, then uploads straight to it)."""
+    MlflowClient(uri).log_artifact(run.run_id, str(local_path), artifact_dir)
 
 
 def upload_text(uri: str, run: RunRef, text: str, name: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(text)
-        upload(uri, run, path)
+    MlflowClient(uri).log_text(run.run_id, text, name)
 
 
 # MLflow's own mark of an experiment that holds model training. MLflow 3.17's UI does not go by it
@@ -171,7 +167,7 @@ def create_runs(uri: str, cfg: Config, exp_id: str | None = None, parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         tags.update(extra_tags[k] if extra_tags else {})
         run = retry_busy(client.create_run, exp_id, run_name=tags.pop("mlflow.runName", name), tags=tags)
-        ref = RunRef(run.info.run_id, run.info.artifact_uri)
+        ref = RunRef(run.info.run_id)
         mc = cfg.member_config(k)
         params = [Param(key, str(v)) for key, v in flatten(mc).items()]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
@@ -468,13 +464,13 @@ def sweep_parent(uri: str, exp_id: str, name: str, sweep_id: str, params: dict[s
     if found:
         run_id = found[0].info.run_id
         retry_busy(client.update_run, run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        return RunRef(run_id, found[0].info.artifact_uri)
+        return RunRef(run_id)
     run = retry_busy(client.create_run, exp_id, run_name=name,
                        tags={"distnet.sweep_id": sweep_id, "distnet.kind": "sweep"})
     items = [Param(k, str(v)) for k, v in params.items()]
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
         retry_busy(client.log_batch, run.info.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
-    return RunRef(run.info.run_id, run.info.artifact_uri)
+    return RunRef(run.info.run_id)
 
 
 def find_sweep(uri: str, name: str | None = None, sweep_id: str | None = None):
