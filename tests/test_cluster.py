@@ -123,7 +123,7 @@ def test_ray_job_submit_sweep_on_two_nodes(two_node_cluster, tmp_path):
     (work / "job_sweep.yaml").write_text("""name: jobsweep
 model: {width: 20, activation: tanh}
 data: {train_limit: 3840, eval_limit: 300, dir: %s}
-train: {epochs: 1}
+train: {epochs: 20}  # 600 steps, seconds a job: both lanes are up before one lane could take them all
 ray: {num_workers: 1, storage_path: %s}
 mlflow: {experiment: cluster}
 sweep: {pack: 1, max_concurrent: 2}  # 6 jobs on 2 lanes, one lane per node
@@ -138,8 +138,8 @@ grid: {model.depth: [1, 2], seed: [0, 1, 2]}
     assert len(cells) == 6 and all(r.info.status == "FINISHED" for r in cells)
     assert len({r.data.tags["distnet.ray_node"] for r in cells}) == 2  # trainings ran on both nodes
     for r in cells:
-        assert len(client.get_metric_history(r.info.run_id, "grad_norm/w/layer_1")) == 30
-        assert steptable.read(client, r.info.run_id)["step"].tolist() == list(range(30))
+        assert len(client.get_metric_history(r.info.run_id, "grad_norm/w/layer_1")) == 50  # train.metric_points
+        assert steptable.read(client, r.info.run_id)["step"].tolist() == list(range(600))
         assert "config.yaml" in {a.path for a in client.list_artifacts(r.info.run_id)}
     parent = client.search_runs([exp.experiment_id], "tags.`distnet.kind` = 'sweep'")[0]
     assert "summary.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
