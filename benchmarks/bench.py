@@ -104,7 +104,7 @@ def mlflow_cost(work: Path, step_s: float) -> tuple[float, float]:
     table part and MLflow metrics, sqlite store."""
     uri = f"sqlite:///{work / 'cost.db'}"
     cfg = build_config({"model": {"sizes": SMALL}, "ray": {"num_workers": 1}, "mlflow": {"experiment": "cost"}})
-    sink = tracking.MlflowSink(uri, tracking.create_runs(uri, cfg))
+    sink = tracking.MlflowSink(uri, cfg, tracking.create_runs(uri, cfg))
     names = metrics.step_names(2)
     rows, active = np.ones((10, 1)), np.ones((10, 1), dtype=bool)
     every = metrics.interval(468, 50)

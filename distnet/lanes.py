@@ -47,7 +47,7 @@ class JobQueue:
         self.closed = bool(entries)  # a queue made with its jobs takes no more
         self.changed = asyncio.Condition()
         self.taken: dict[tuple[int, int], ray.ObjectRef | None] = {}
-        self.in_flight: dict[int, tuple[int, list[str]]] = {}  # lane -> (seq, run ids)
+        self.in_flight: dict[int, tuple[int, ray.ObjectRef, list[str]]] = {}  # lane -> (seq, job, run ids)
         self.outcomes: list[dict] = []  # per job: its cells, and its error or how many diverged
         self.rows: list[dict] = []  # every trained cell's summary row
 
@@ -69,36 +69,37 @@ class JobQueue:
                 ref, run_ids = self.waiting.popleft() if self.waiting else (None, None)
                 self.taken[(lane, seq)] = ref
                 if ref is not None:
-                    self.in_flight[lane] = (seq, run_ids)
+                    self.in_flight[lane] = (seq, ref, run_ids)
                 self.changed.notify_all()
             return self.taken[(lane, seq)]
 
     def done(self, lane: int, seq: int, rows: list[dict]) -> None:
         """Idempotent: a restarted lane may report a job it had finished before dying."""
         if lane in self.in_flight and self.in_flight[lane][0] == seq:
-            _, run_ids = self.in_flight.pop(lane)
+            _, _, run_ids = self.in_flight.pop(lane)
             self.outcomes.append({"cells": len(run_ids), "diverged": sum(r["status"].startswith("diverged") for r in rows)})
             self.rows += rows
 
-    def fail_in_flight(self, lane: int, error: str) -> list[str] | None:
-        """The lane's trainer died: its job counts as failed (its run ids are returned); the lane's
-        next trainer starts afresh at sequence 0, so its old (lane, seq) answers are forgotten."""
+    def fail_in_flight(self, lane: int, error: str) -> tuple[ray.ObjectRef, list[str]] | None:
+        """The lane's trainer died: its job counts as failed (the job and its run ids are returned);
+        the lane's next trainer starts afresh at sequence 0, so its old (lane, seq) answers are
+        forgotten."""
         self.taken = {k: v for k, v in self.taken.items() if k[0] != lane}
         if lane not in self.in_flight:
             return None
-        _, run_ids = self.in_flight.pop(lane)
+        _, ref, run_ids = self.in_flight.pop(lane)
         self.outcomes.append({"cells": len(run_ids), "error": error})
         nan = float("nan")
         self.rows += [{"status": "failed", "acc": nan, "ratio_init": nan, "ratio_end": nan, "run_id": run_id,
                        "error": error} for run_id in run_ids]
-        return run_ids
+        return ref, run_ids
 
     def status(self) -> dict:
         """Counts of cells: done, diverged, failed, running; and whether more jobs may come."""
         failed = sum(o["cells"] for o in self.outcomes if "error" in o)
         diverged = sum(o.get("diverged", 0) for o in self.outcomes)
         return {"done": sum(o["cells"] for o in self.outcomes) - failed - diverged, "diverged": diverged,
-                "failed": failed, "running": sum(len(ids) for _, ids in self.in_flight.values()),
+                "failed": failed, "running": sum(len(ids) for _, _, ids in self.in_flight.values()),
                 "more": bool(self.waiting) or not self.closed}
 
     def results(self) -> list[dict]:

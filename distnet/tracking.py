@@ -1,18 +1,22 @@
 """MLflow: one run per population member, written in as few requests as the record allows.
 
 A cell's record is its run's tags, params, `config.yaml`, interval and epoch metrics, and Parquet
-step table (steptable). Through a tracking server it costs eight requests when the training fits in
-one checkpoint interval, four from the driver and four from rank 0, each side's issued for all the
+step table (steptable). Through a tracking server it costs six requests when the training fits in
+one checkpoint interval, one from the driver and five from rank 0, each side's issued for all the
 members of a job at once by a bounded pool of threads:
-- the driver, before the job is queued: `create_run` (every tag it knows, the parent link among
-  them), one `log_batch` of the params, the `config.yaml` upload (which MlflowClient precedes with
-  one read of the run, for its artifact location);
-- rank 0, at each checkpoint: one step-table part upload (the first preceded by that read, once per
-  run and process) and one `log_batch` of the metrics (and of the tags it has learnt since: node,
-  lane, trainer); at the end that last `log_batch` also carries the outcome's tags, and
-  `set_terminated` closes the run.
-No other request asks for what distnet already knows: the experiment is looked up once, and
-MLflow's "View run" link, which reads the run back, is turned off (distnet prints its own links).
+- the driver, before the job is queued: `create_run` with every tag it knows (the parent link
+  among them);
+- rank 0, at each checkpoint: one step-table part upload (the first preceded by MlflowClient's one
+  read of the run, for its artifact location) and one `log_batch` of the metrics and of the tags it
+  has learnt since (node, lane, trainer); the first time also the `config.yaml` upload and the
+  params, in that same `log_batch`. At the end that last `log_batch` also carries the outcome's
+  tags, and `set_terminated` closes the run.
+The params and `config.yaml` go with rank 0's first records rather than with the driver's
+`create_run` because the read of the run that an upload needs is then made once a run, by rank 0,
+before the params make the run heavier to read. A job that fails before rank 0 wrote them gets
+them with its FAILED status (fail_runs). No other request asks for what distnet already knows: the
+experiment is looked up once, and MLflow's "View run" link, which reads the run back, is turned off
+(distnet prints its own links).
 """
 
 from __future__ import annotations
@@ -151,11 +155,18 @@ def member_name(cfg: Config, k: int) -> str:
     return f"{cfg.name}/" + ",".join(f"{f}={getattr(member, f)}" for f in varying) if varying else f"{cfg.name}-m{k}"
 
 
+def member_record(cfg: Config, k: int) -> tuple[list[Param], str]:
+    """Member k's params (its flattened config) and its `config.yaml`."""
+    mc = cfg.member_config(k)
+    return [Param(key, str(v)) for key, v in flatten(mc).items()], dump_yaml(mc)
+
+
 def create_runs(uri: str, cfg: Config, exp_id: str | None = None, parent_run_id: str | None = None,
                 extra_tags: list[dict[str, str]] | None = None) -> list[RunRef]:
-    """One run per member, each in three requests (create with every tag, params, `config.yaml`),
-    the members' concurrently. Under a sweep, each is a child of `parent_run_id` and carries its
-    cell's `extra_tags`; `exp_id` saves the experiment's lookup (a sweep makes it once)."""
+    """One run per member, each created with every tag in one request, the members' concurrently
+    (rank 0 writes the params and `config.yaml` with its first records). Under a sweep, each is a
+    child of `parent_run_id` and carries its cell's `extra_tags`; `exp_id` saves the experiment's
+    lookup (a sweep makes it once)."""
     exp_id = exp_id or experiment_id(uri, cfg.mlflow.experiment)
     client = MlflowClient(uri)
     population = len(cfg.members)
@@ -167,13 +178,7 @@ def create_runs(uri: str, cfg: Config, exp_id: str | None = None, parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         tags.update(extra_tags[k] if extra_tags else {})
         run = retry_busy(client.create_run, exp_id, run_name=tags.pop("mlflow.runName", name), tags=tags)
-        ref = RunRef(run.info.run_id)
-        mc = cfg.member_config(k)
-        params = [Param(key, str(v)) for key, v in flatten(mc).items()]
-        for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            retry_busy(client.log_batch, ref.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
-        upload_text(uri, ref, dump_yaml(mc), "config.yaml")
-        return ref
+        return RunRef(run.info.run_id)
 
     return concurrent(uri, create, range(population))
 
@@ -220,37 +225,51 @@ def count_restart(uri: str, run_ids: list[str]) -> None:
     concurrent(uri, bump, run_ids)
 
 
-def fail_runs(uri: str, run_ids: list[str], error: BaseException, tags: dict[str, str] | None = None) -> None:
-    """FAILED, with the reason as the `distnet.error` tag and an `error.txt` artifact (and `tags`)."""
+def fail_runs(uri: str, run_ids: list[str], error: BaseException, tags: dict[str, str] | None = None,
+              cfg: Config | None = None) -> None:
+    """FAILED, with the reason as the `distnet.error` tag and an `error.txt` artifact (and `tags`);
+    with the job's `cfg`, also each member's params and `config.yaml`, which rank 0 may not have
+    written before the failure (written again, they are the same)."""
     client = MlflowClient(uri)
     reason = f"{type(error).__name__}: {error}"
     extra = [RunTag(k, v) for k, v in (tags or {}).items()]
 
-    def fail(run_id: str) -> None:
+    def fail(k: int) -> None:
+        run_id, params = run_ids[k], []
+        if cfg is not None:
+            params, text = member_record(cfg, k)
+            client.log_text(run_id, text, "config.yaml")
         client.log_text(run_id, reason, "error.txt")
-        retry_busy(client.log_batch, run_id, tags=[RunTag("distnet.status", "failed"),
-                                                     RunTag("distnet.error", reason[:5000])] + extra)
+        write_batches(client, run_id, [], [RunTag("distnet.status", "failed"),
+                                           RunTag("distnet.error", reason[:5000])] + extra, params)
         retry_busy(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FAILED))
 
-    concurrent(uri, fail, run_ids)
+    concurrent(uri, fail, range(len(run_ids)))
 
 
 Row = tuple[str, float, int, int]  # a metric value: key, value, timestamp (ms), step
 
 
-def write_batches(client: MlflowClient, run_id: str, metrics: list[Row], tags: list[RunTag] = ()) -> None:
-    """Append metric values (and set tags) with MLflow's log_batch, within its 1000 entities a call.
-    Each call is one transaction (so retry_busy never writes one twice); values are in step order,
-    so a crash between calls leaves every key holding all its steps up to some step (what
-    MlflowSink.restore relies on). The tags go with the last call."""
+def write_batches(client: MlflowClient, run_id: str, metrics: list[Row], tags: list[RunTag] = (),
+                  params: list[Param] = ()) -> None:
+    """Append metric values (and set tags and params) with MLflow's log_batch, within its limits a
+    call (1000 entities, of them 100 params and 100 tags). Each call is one transaction (so
+    retry_busy never writes one twice); values are in step order, so a crash between calls leaves
+    every key holding all its steps up to some step (what MlflowSink.restore relies on). The tags
+    and params go with the last call, unless they would not fit there."""
     chunks = [metrics[i:i + MAX_METRICS_PER_BATCH] for i in range(0, len(metrics), MAX_METRICS_PER_BATCH)]
     last = chunks.pop() if chunks else []
-    if len(last) + len(tags) > MAX_METRICS_PER_BATCH:
+    if len(params) > MAX_PARAMS_PER_BATCH or len(last) + len(tags) + len(params) > MAX_METRICS_PER_BATCH:
+        for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+            retry_busy(client.log_batch, run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
+        params = []
+    if len(last) + len(tags) + len(params) > MAX_METRICS_PER_BATCH:
         chunks, last = chunks + [last], []
     for chunk in chunks:
         retry_busy(client.log_batch, run_id, metrics=[Metric(*row) for row in chunk])
-    if last or tags:
-        retry_busy(client.log_batch, run_id, metrics=[Metric(*row) for row in last], tags=list(tags))
+    if last or tags or params:
+        retry_busy(client.log_batch, run_id, metrics=[Metric(*row) for row in last], tags=list(tags),
+                   params=list(params))
 
 
 class StepRows:
@@ -290,11 +309,14 @@ class Outcome:
 class MlflowSink:
     """Rank 0's sink: buffers per-member MLflow metrics and step-table rows and writes them on
     flush, which the loop calls at each checkpoint (after the checkpoint is committed); `close`
-    writes the rest with the runs' outcome and ends them. Members are written concurrently."""
+    writes the rest with the runs' outcome and ends them. The first write to a run also carries its
+    member's params and `config.yaml` (from `cfg`). Members are written concurrently."""
 
-    def __init__(self, uri: str, runs: list[RunRef], on_progress: Callable[[dict], None] | None = None,
+    def __init__(self, uri: str, cfg: Config, runs: list[RunRef], on_progress: Callable[[dict], None] | None = None,
                  tags: dict[str, str] | None = None, parent: RunRef | None = None):
         self.uri = uri
+        self.cfg = cfg
+        self.opened = [False] * len(runs)  # member k's params and config.yaml written
         # Under a sweep, what is written is also kept for the parent's cell records (cellrecords).
         self.parent = parent
         self.collector = cellrecords.Collector(len(runs)) if parent is not None else None
@@ -387,8 +409,10 @@ class MlflowSink:
             self.latest_values[k][row[0]] = row[1]  # a key's rows come in step order
 
     def _write(self, k: int, end_tags: list[RunTag] = ()) -> None:
-        """Member k's step-table part (one upload) and metrics and tags (one log_batch, more only
-        past MLflow's 1000 values a call)."""
+        """Member k's step-table part (one upload), the first time its `config.yaml` (one upload),
+        and its metrics, tags and the first time params (one log_batch, more only past MLflow's
+        limits a call). The step-table part goes first: the upload's read of the run is then made
+        before the params are in it."""
         block = self.rows[k].block()
         if block is not None:
             steps, values = block
@@ -398,7 +422,12 @@ class MlflowSink:
             if self.collector is not None:
                 self.collector.step_rows(k, steps, columns)
             self.rows[k].clear()
-        write_batches(self.client, self.runs[k].run_id, self.buffers[k], self.tags + list(end_tags))
+        params = []
+        if not self.opened[k]:
+            params, text = member_record(self.cfg, k)
+            upload_text(self.uri, self.runs[k], text, "config.yaml")
+        write_batches(self.client, self.runs[k].run_id, self.buffers[k], self.tags + list(end_tags), params)
+        self.opened[k] = True
         if self.collector is not None:
             self.collector.metrics(k, self.buffers[k])
         self.buffers[k].clear()

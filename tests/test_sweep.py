@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from distnet import launch, metrics, steptable, sweep
-from distnet.config import ConfigError
+from distnet.config import ConfigError, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"train": {"epochs": 1, "log_every": 3}, "data": {"train_limit": 1280, "eval_limit": 300}}  # 10 steps
@@ -123,10 +124,17 @@ def test_divergence_and_failure_are_recorded_and_the_sweep_goes_on(ray_cluster, 
     np.testing.assert_array_equal(steptable.read(client, diverged.info.run_id)["step"], np.arange(step + 1))
     healthy = client.get_metric_history(by_cell["lr=0.1,raise_at_step=None"]["run_id"], "grad_norm/w/layer_1")
     assert len(healthy) == 10  # the other member of the same population went on
+    cells = {c.label: c for c in sweep.build_sweep(raw).cells}
     for r in result.failed:
         run = client.get_run(r["run_id"])
         assert run.info.status == "FAILED" and "fault injection" in run.data.tags["distnet.error"]
         assert "fault injection" in Path(client.download_artifacts(r["run_id"], "error.txt", str(tmp_path))).read_text()
+        # It failed before its first records: its params and config.yaml came with FAILED.
+        member = cells[r["cell"]].config.member_config(0)
+        assert {k: v for k, v in run.data.params.items() if k != "name"} == \
+            {k: str(v) for k, v in flatten(member).items() if k != "name"}
+        config_yaml = yaml.safe_load(Path(client.download_artifacts(r["run_id"], "config.yaml", str(tmp_path))).read_text())
+        assert {k: v for k, v in config_yaml.items() if k != "name"} == {k: v for k, v in member.items() if k != "name"}
 
     again = launch.run_sweep(sweep.build_sweep(raw), tracking_uri, say=lambda *_: None)
     assert again.trained == 2  # only the failed cells are re-run ...

@@ -45,7 +45,7 @@ def test_step_tables_hold_every_step_and_mlflow_their_interval_summaries(mnist, 
     arrays = data.select(mnist, "test", 1280, 200)
     runs = tracking.create_runs(tracking_uri, cfg)
     run_ids = [r.run_id for r in runs]
-    recorded, sink = RecordingSink(), tracking.MlflowSink(tracking_uri, runs)
+    recorded, sink = RecordingSink(), tracking.MlflowSink(tracking_uri, cfg, runs)
     out = worker.train(cfg, arrays, worker.WorkerEnv(), Tee(sink, recorded))
     diverged = worker.diverged_members(out["diverged_at"])
     summary = sink.close(tracking.Outcome(diverged, out["all_reduce"], "test/acc"))
@@ -104,7 +104,7 @@ def test_sink_restore_writes_what_the_checkpoint_held_once(tracking_uri):
     (run,) = tracking.create_runs(tracking_uri, cfg)
     run_id = run.run_id
     client = MlflowClient(tracking_uri)
-    sink = tracking.MlflowSink(tracking_uri, [run])
+    sink = tracking.MlflowSink(tracking_uri, cfg, [run])
     cols = {"grad_norm/w/layer_1": np.array([[1.0], [2.0], [3.0]]), "train/batch_loss": np.array([[4.0], [5.0], [6.0]])}
     sink.log_steps([0, 1, 2], cols, np.ones((3, 1), bool))
     sink.log(0, {"grad_norm/w/layer_1": np.array([2.0])}, np.ones(1, bool))
@@ -113,7 +113,7 @@ def test_sink_restore_writes_what_the_checkpoint_held_once(tracking_uri):
     sink.log(3, {"grad_norm/w/layer_1": np.array([11.5])}, np.ones(1, bool))
     held = sink.unflushed()  # the checkpoint; then the worker dies before flushing
     for _ in range(2):  # the second time, as if the restarted worker had died after its flush
-        again = tracking.MlflowSink(tracking_uri, [run])
+        again = tracking.MlflowSink(tracking_uri, cfg, [run])
         again.restore(held)
         history = client.get_metric_history(run_id, "grad_norm/w/layer_1")
         assert sorted((m.step, m.value) for m in history) == [(0, 2.0), (3, 11.5)]
