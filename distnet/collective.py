@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import threading
 import time
 import uuid
@@ -54,21 +53,36 @@ def shared_memory_bytes(like: torch.Tensor, world: int) -> int:
 
 def shared_memory_possible(like: torch.Tensor) -> bool:
     """CPU tensors, x86-64 (its store ordering is what makes publish-after-write safe from Python),
-    every rank on this host, and room in /dev/shm. A tmpfs is sized at mount time (Docker gives 64 MB)
-    and writing past its end kills the writer with SIGBUS, so the mapping must fit in what is free,
-    with half of it left to everything else; rank 0 decides for all."""
+    every rank seeing the same /dev/shm, and room there. Rank 0 writes a random token into a file
+    in its /dev/shm and every rank must read it back: hostnames prove nothing (cloned machines, or
+    containers, share them while each has a /dev/shm of its own). A tmpfs is sized at mount time
+    (Docker gives 64 MB) and writing past its end kills the writer with SIGBUS, so the mapping must
+    fit in what is free, with half of it left to everything else; rank 0 decides for all."""
     if like.device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64") or not SHM_DIR.is_dir():
         return False
-    hosts = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
-    if len(set(hosts)) != 1:
-        return False
-    fits = [None]
+    token = [None]
     if dist.get_rank() == 0:
         st = os.statvfs(SHM_DIR)
-        fits[0] = shared_memory_bytes(like, dist.get_world_size()) <= st.f_bavail * st.f_frsize // 2
-    dist.broadcast_object_list(fits, src=0)
-    return bool(fits[0])
+        if shared_memory_bytes(like, dist.get_world_size()) <= st.f_bavail * st.f_frsize // 2:
+            mine = uuid.uuid4().hex
+            try:
+                (SHM_DIR / f"distnet-probe-{mine}").write_text(mine)
+                token[0] = mine
+            except OSError:  # a read-only /dev/shm
+                pass
+    dist.broadcast_object_list(token, src=0)
+    if token[0] is None:
+        return False
+    probe = SHM_DIR / f"distnet-probe-{token[0]}"
+    try:
+        seen = probe.read_text() == token[0]
+    except OSError:
+        seen = False
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, seen)  # also: every rank has looked before the file goes
+    if dist.get_rank() == 0:
+        probe.unlink()
+    return all(everyone)
 
 
 class SharedMemoryMean:

@@ -30,9 +30,9 @@ import ray.train
 import torch
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from mlflow.entities import RunTag
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
-from distnet import data, download, sweep, tracking, worker
+from distnet import data, download, network, sweep, tracking, worker
 from distnet.config import Config, config_hash
 from distnet.lanes import JobQueue, ProgressBoard
 from distnet.progress import ProgressPrinter
@@ -122,7 +122,7 @@ def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: dict 
     picked up again (after a worker or a driver died) first writes what the dead group had not, and
     nothing MLflow holds is written again, even where Ray had not registered the group's last
     checkpoint."""
-    sink = tracking.MlflowSink(uri, job.runs, on_progress=board and (lambda s: board.update.remote(s)),
+    sink = tracking.MlflowSink(uri, job.cfg, job.runs, on_progress=board and (lambda s: board.update.remote(s)),
                                tags={"distnet.ray_node": ray.get_runtime_context().get_node_id(),
                                      "distnet.lane": str(lane), "distnet.trainer": trainer}, parent=job.parent)
     if resume is not None or job.resumed:
@@ -144,6 +144,23 @@ def scaling_config(cfg: Config) -> ScalingConfig:
                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker})
 
 
+@dataclass
+class PinnedTorchConfig(TorchConfig):
+    """Ray Train's torch backend, once every worker has pinned gloo to the interface of its node's
+    Ray address (distnet.network): left to itself, a rank on another host may advertise loopback."""
+
+    @property
+    def backend_cls(self):
+        torch_backend = super().backend_cls
+
+        class PinnedBackend(torch_backend):
+            def on_start(self, worker_group, backend_config):
+                worker_group.execute(network.pin_gloo_interface)
+                super().on_start(worker_group, backend_config)
+
+        return PinnedBackend
+
+
 def trainer_name(cfg: Config) -> str:
     """A Ray Train run's name (the `distnet.trainer` tag of the runs it trains): unique per trainer."""
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -159,6 +176,7 @@ def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri:
         _train_loop,
         train_loop_config={"queue": queue, "lane": lane, "tracking_uri": tracking_uri, "board": board},
         scaling_config=scaling_config(cfg),
+        torch_config=PinnedTorchConfig(),
         run_config=RunConfig(name=name,
                              storage_path=_storage_path(cfg.ray.storage_path),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
@@ -209,7 +227,7 @@ def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, ad
         result = fit_lane(cfg, queue, 0, tracking_uri, ray_name, board)
         _, state = _load_checkpoint(result.checkpoint)
     except Exception as e:
-        tracking.fail_runs(tracking_uri, run_ids, e)
+        tracking.fail_runs(tracking_uri, run_ids, e, cfg=cfg)
         raise
     if record is not None:
         record.unlink(missing_ok=True)
@@ -228,9 +246,11 @@ def _lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri: st
         try:
             fit_lane(cfg, queue, lane, tracking_uri, name)
         except Exception as e:
-            run_ids = ray.get(queue.fail_in_flight.remote(lane, f"{type(e).__name__}: {e}"))
-            if run_ids is not None:  # where it failed, as rank 0 tags what it trains
-                tracking.fail_runs(tracking_uri, run_ids, e, {"distnet.lane": str(lane), "distnet.trainer": name})
+            failed = ray.get(queue.fail_in_flight.remote(lane, f"{type(e).__name__}: {e}"))
+            if failed is not None:  # where it failed, as rank 0 tags what it trains
+                ref, run_ids = failed
+                tracking.fail_runs(tracking_uri, run_ids, e, {"distnet.lane": str(lane), "distnet.trainer": name},
+                                   ray.get(ref).cfg)
 
 
 @dataclass

@@ -38,6 +38,11 @@ def _rank(rank: int, world: int, port: int, out: str, shape: tuple[int, int]) ->
 def run_ranks(world: int, shape: tuple[int, int], out: Path) -> list[dict]:
     """`world` real processes all-reducing 50 random [shape] gradients with ray.all_reduce auto."""
     mp.spawn(_rank, args=(world, free_port(), str(out), shape), nprocs=world, join=True)
+    return checked(world, out)
+
+
+def checked(world: int, out: Path) -> list[dict]:
+    """The ranks' saved results, each step's mean equal to gloo's."""
     outs = [torch.load(out / f"rank{r}.pt") for r in range(world)]
     for step in range(50):
         for o in outs:
@@ -84,3 +89,33 @@ def test_a_small_dev_shm_falls_back_to_torch_distributed(tmp_path):
     assert proc.stdout.split() == ["5", "shared_memory", "100", "torch"]
     assert collective.shared_memory_bytes(torch.empty(100, 1001), 2) > 1 << 19 > \
         collective.shared_memory_bytes(torch.empty(5, 1001), 2)
+
+
+ONE_RANK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import test_collective as t
+t._rank(int(sys.argv[2]), 2, int(sys.argv[3]), sys.argv[4], (5, 1001))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="mounting a tmpfs needs root")
+def test_ranks_with_a_dev_shm_each_go_through_gloo_whatever_their_hostname(tmp_path):
+    """Two ranks on one host, so under one hostname, the second in a mount namespace with a /dev/shm
+    of its own, as two containers or two cloned machines are: the token rank 0 leaves in its
+    /dev/shm is not in rank 1's, so both take torch.distributed (matching hostnames used to send
+    them into shared memory, each waiting on a file of its own until the timeout)."""
+    port = free_port()
+
+    def rank(r: int) -> list[str]:
+        return [sys.executable, "-c", ONE_RANK, str(Path(__file__).parent), str(r), str(port), str(tmp_path)]
+
+    own_shm = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs distnet-test /dev/shm && exec "$@"', "sh"]
+    procs = [subprocess.Popen(rank(0)), subprocess.Popen(own_shm + rank(1))]
+    try:
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [o["path"] for o in checked(2, tmp_path)] == ["torch", "torch"]
