@@ -1,11 +1,13 @@
 """The cluster way to run distnet: Ray's own validator on the cluster files, and a real two-node Ray
-cluster on loopback with a real MLflow server, driven by `ray job submit` from the command line."""
+cluster (the second node a host of its own: tests/hosts.py) with a real MLflow server, driven by
+`ray job submit` from the command line."""
 
 import json
 import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+import hosts
 from conftest import RecordingSink, free_port
 from distnet import data, steptable, tracking, worker
 from distnet.config import build_config
@@ -47,51 +50,45 @@ def run(cmd, env, timeout=120, check=True):
 
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
-NODE2 = "distnet-node2"
-
-
-def as_second_host(cmd: list[str]) -> list[str]:
-    """`cmd` in a UTS and mount namespace of its own, as root: hostname distnet-node2, and no MNIST
-    (an empty tmpfs over ../shared/data and ~/.cache/distnet). The processes it leaves running (a
-    Ray node's daemons) stay in there: a second host without the data, on the same loopback."""
-    hide = " && ".join(f"mount -t tmpfs distnet-nodata {d}" for d in (SHARED_DATA, Path.home() / ".cache" / "distnet")
-                       if d.is_dir())
-    script = f"hostname {NODE2}" + (f" && {hide}" if hide else "") + ' && exec "$@"'
-    return ["unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
+NO_DATA = [SHARED_DATA, Path.home() / ".cache" / "distnet"]  # what the second host lacks: MNIST
 
 
 @pytest.fixture
 def two_node_cluster(tmp_path):
-    """A Ray head and a second Ray node (1 CPU each) and an MLflow server, all on 127.0.0.1; the
-    second node has a hostname of its own and no MNIST (needs root and unshare, which CI has)."""
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.fail("the two-host cluster needs root and unshare (CI runs as root)")
+    """A Ray head (1 CPU) and an MLflow server on this machine, and a second Ray node (1 CPU) on a host
+    of its own (tests/hosts.py: its network namespace, address, hostname and /dev/shm, no MNIST),
+    everything reached by the addresses of the link between them, never by 127.0.0.1. Ends only what
+    it started (needs root, `ip` and `unshare`, which CI has)."""
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
+        pytest.fail("the two-host cluster needs root, ip and unshare (CI runs as root)")
     # Ray 2.60 heads use token auth; a fresh machine has no ~/.ray/auth_token, so the cluster gets
     # its own token, shared by both nodes and every CLI call through the environment.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash, mlflow_port = free_port(), free_port(), free_port()
     temp = Path(tempfile.mkdtemp(prefix="dnray", dir="/tmp"))  # Ray's socket paths must stay short
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "artifacts"), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "1",
-             "--temp-dir", str(temp), "--include-dashboard", "true"], env)
-        run(as_second_host([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address",
-                            "127.0.0.1", "--num-cpus", "1"]), env)
-        uri = f"http://127.0.0.1:{mlflow_port}"
-        tracking.wait_for_server(uri)
-        yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}", "mlflow": uri}
-    finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-        shutil.rmtree(temp, ignore_errors=True)
+    with hosts.extra_hosts(1) as (head_ip, (node2,)):
+        gcs, dash, mlflow_port = free_port(), free_port(), free_port()
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", head_ip, "--port", str(mlflow_port),
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+             str(tmp_path / "artifacts"), "--workers", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            run([str(BIN / "ray"), "start", "--head", "--node-ip-address", head_ip, "--port", str(gcs),
+                 "--dashboard-host", head_ip, "--dashboard-port", str(dash), "--num-cpus", "1",
+                 "--temp-dir", str(temp / "head"), "--include-dashboard", "true"], env)
+            run(node2.command([str(BIN / "ray"), "start", "--address", f"{head_ip}:{gcs}", "--node-ip-address",
+                               node2.address, "--num-cpus", "1", "--temp-dir", str(temp / "node2")], NO_DATA), env)
+            uri = f"http://{head_ip}:{mlflow_port}"
+            tracking.wait_for_server(uri)
+            yield {"env": env, "dashboard": f"http://{head_ip}:{dash}", "gcs": f"{head_ip}:{gcs}", "mlflow": uri,
+                   "node2": node2}
+        finally:
+            hosts.end_process_trees(str(temp / "head"))  # the head's processes, its workers and jobs
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def working_dir(tmp_path: Path) -> Path:
@@ -162,8 +159,8 @@ def test_two_workers_on_two_hosts_equal_one_worker(two_node_cluster, tmp_path):
            "mlflow": {"experiment": "hosts"}, "fault": {"trace": str(tmp_path / "trace")}}
     (work / "hosts.yaml").write_text(yaml.safe_dump(cfg))
     submit(c, work, ["--runtime-env", str(runtime_env)], "python", "-m", "distnet.cli", "train", "hosts.yaml")
-    hosts = {r: json.loads((tmp_path / "trace" / f"rank{r}.jsonl").read_text())["host"] for r in (0, 1)}
-    assert sorted(hosts.values()) == sorted([socket.gethostname(), NODE2])  # one worker on each host
+    ranks = {r: json.loads((tmp_path / "trace" / f"rank{r}.jsonl").read_text())["host"] for r in (0, 1)}
+    assert sorted(ranks.values()) == sorted([socket.gethostname(), c["node2"].hostname])  # one worker on each host
     client = MlflowClient(c["mlflow"])
     exp = client.get_experiment_by_name("hosts").experiment_id
     (two,) = client.search_runs([exp], "attributes.run_name = 'hosts'")
