@@ -75,7 +75,7 @@ def _ui(args) -> int:
     except ui.UIError as e:
         print(f"distnet: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if ui.is_server(uri):  # someone else's server: nothing to serve
+    if tracking.is_server(uri):  # someone else's server: nothing to serve
         for t in targets:
             print(f"{t.label}: {t.url(uri)}")
         return 0

@@ -31,6 +31,7 @@ import torch
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from mlflow.entities import RunTag
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distnet import data, download, network, sweep, tracking, worker
 from distnet.config import Config, config_hash
@@ -64,6 +65,14 @@ def ensure_ray(address: str | None = None) -> None:
     """Connect to `address` (or $RAY_ADDRESS), or start a local Ray in-process."""
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
+
+
+def on_drivers_node() -> dict:
+    """Actor options that keep an actor on the driver's node: the job queue and the progress board
+    hold state that dies with the driver anyway, and on any other node a lost node would take it
+    with it (a sweep whose queue had landed on the node that was lost failed whole). Ray Train's
+    controller is kept there too, by Ray Train itself."""
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
 def _committer(rank: int, seq: int, sink: tracking.MlflowSink | None):
@@ -222,9 +231,10 @@ def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, ad
     try:
         ensure_ray(address)
         entries = [(ray.put(Job(cfg, runs, ray.put(arrays), resumed)), run_ids)]  # held while it trains
-        queue = JobQueue.remote(entries)
-        board = ProgressBoard.remote() if show_progress else None
-        result = fit_lane(cfg, queue, 0, tracking_uri, ray_name, board)
+        queue = JobQueue.options(**on_drivers_node()).remote(entries)
+        board = ProgressBoard.options(**on_drivers_node()).remote() if show_progress else None
+        with tracking.ServerWatch(tracking_uri, say):
+            result = fit_lane(cfg, queue, 0, tracking_uri, ray_name, board)
         _, state = _load_checkpoint(result.checkpoint)
     except Exception as e:
         tracking.fail_runs(tracking_uri, run_ids, e, cfg=cfg)
@@ -348,7 +358,7 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
         lanes = min(len(groups), sw.settings.max_concurrent or default_concurrency(first))
         say(f"sweep {sw.name}: {len(sw.cells)} cells, {len(sw.cells) - len(todo)} already finished, "
             f"{len(todo)} to train in {len(groups)} job(s) on {lanes} lane(s); MLflow parent run {parent}")
-        queue = JobQueue.remote(ahead=lanes)
+        queue = JobQueue.options(**on_drivers_node()).remote(ahead=lanes)
         feed = Feed(sw, groups, mnist, queue, tracking_uri, exp_id, parent_ref)
         # Daemon threads: an interrupted driver exits at once, and Ray ends the trainers it owned.
         pending = [threading.Thread(target=feed.run, daemon=True)]
@@ -357,13 +367,14 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
         for t in pending:
             t.start()
         shown = None
-        while pending:
-            pending[0].join(timeout=1.0)
-            pending = [t for t in pending if t.is_alive()]
-            line = _progress_line(ray.get(queue.status.remote()), len(todo))
-            if line != shown:
-                say(line)
-                shown = line
+        with tracking.ServerWatch(tracking_uri, say):
+            while pending:
+                pending[0].join(timeout=1.0)
+                pending = [t for t in pending if t.is_alive()]
+                line = _progress_line(ray.get(queue.status.remote()), len(todo))
+                if line != shown:
+                    say(line)
+                    shown = line
         if feed.error is not None:
             raise feed.error
         by_run = {r["run_id"]: r for r in ray.get(queue.results.remote())}

@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -69,29 +70,72 @@ def resolve_tracking_uri(cli_uri: str | None = None) -> str:
     return uri
 
 
+def answers(uri: str, timeout: float = 5) -> bool:
+    """Whether the MLflow server at `uri` answers its health check, with a plain request (the MLflow
+    client retries a refused connection with back-off for minutes)."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def wait_for_server(uri: str, timeout: float = 90, log: Path | None = None, process=None) -> None:
     """Until the MLflow server at `uri` answers; past the timeout, or once `process` (the server's,
-    if we started it) has exited, fail with the end of its log. Polled with plain requests: the
-    MLflow client retries a refused connection with back-off for minutes."""
+    if we started it) has exited, fail with the end of its log."""
     deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
+    while not answers(uri):
         if time.time() > deadline or (process is not None and process.poll() is not None):
             raise RuntimeError(f"no MLflow server at {uri}: "
                                + (log.read_text()[-3000:] if log and log.exists() else "no log"))
         time.sleep(0.5)
 
 
+class ServerWatch:
+    """The driver's watch on a tracking server while trainings write to it: says when the server
+    stops answering and when it answers again. Meanwhile every write waits and is retried (MLflow's
+    client retries a refused or unanswered request with back-off, about four minutes in all), so the
+    trainings pause at their next checkpoint instead of failing; without this the progress would
+    just stop, unexplained. Nothing to watch for a local store."""
+
+    def __init__(self, uri: str, say: Callable[[str], None], every: float = 5.0):
+        self.uri, self.say, self.every = uri, say, every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        down_since = None
+        while not self.stop.wait(self.every):
+            up = answers(self.uri)
+            if not up and down_since is None:
+                down_since = time.time()
+                self.say(f"tracking server {self.uri} is not answering: the trainings hold their records and "
+                         "retry each write until it answers (about four minutes)")
+            elif up and down_since is not None:
+                self.say(f"tracking server {self.uri} answers again after {time.time() - down_since:.0f} s")
+                down_since = None
+
+    def __enter__(self):
+        if is_server(self.uri):
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
+def is_server(uri: str) -> bool:
+    """A tracking server's address, as opposed to a local store (sqlite, a folder)."""
+    return uri.startswith(("http://", "https://"))
+
+
 def concurrent(uri: str, fn: Callable[..., T], items: Iterable) -> list[T]:
     """fn(item) for every item, in order: SERVER_CONCURRENCY at once through a server, one after
     another into a local store. The first error is raised once every call has ended."""
     items = list(items)
-    if len(items) <= 1 or not uri.startswith(("http://", "https://")):
+    if len(items) <= 1 or not is_server(uri):
         return [fn(item) for item in items]
     with ThreadPoolExecutor(min(SERVER_CONCURRENCY, len(items))) as pool:
         futures = [pool.submit(fn, item) for item in items]

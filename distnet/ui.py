@@ -318,17 +318,12 @@ def open_hint(uri: str, selectors: list[str]) -> list[str]:
     store is already served over HTTP, the links themselves."""
     command = " ".join(["distnet ui", *selectors, "--tracking-uri", uri])
     lines = [f"open the UI: {command}"]
-    if is_server(uri):
+    if tracking.is_server(uri):  # its UI is there already
         try:
             lines += [f"  {t.label}: {t.url(uri)}" for t in targets(uri, selectors)]
         except Exception as e:  # the work is done and logged: a link that cannot be made is no failure
             lines.append(f"  (no link: {type(e).__name__}: {e})")
     return lines
-
-
-def is_server(uri: str) -> bool:
-    """An MLflow server's address (its UI is there already), as opposed to a store to serve."""
-    return uri.startswith(("http://", "https://"))
 
 
 # ---------------------------------------------------------------- serving
@@ -341,7 +336,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve(uri: str, port: int = 0, log: Path | None = None) -> Iterator[str]:
     """The base URL of a local `mlflow server` on loopback (port `port`, or a free one) over the store
-    `uri`, stopped on exit. (A server's own URI needs none: `is_server`.)"""
+    `uri`, stopped on exit. (A server's own URI needs none: `tracking.is_server`.)"""
     port = port or free_port()
     log = log or Path(tempfile.mkstemp(prefix="distnet-ui-", suffix=".log")[1])
     # Without the job runner (the GenAI judges' queue, eight worker processes): browsing runs needs

@@ -1,7 +1,8 @@
 """Hosts of their own on one machine, for the cluster tests (needs root, `ip` and `unshare`).
 
-Each extra host is a network namespace joined to this one by a veth pair: this side 10.213.N.1,
-the host 10.213.N.2, 10.213.N.3, ... (N picked unused from 10.213.0.0/16). In it, a command runs
+Each extra host is a network namespace with one address (this machine 10.213.N.1, the hosts
+10.213.N.2, 10.213.N.3, ...; N picked unused from 10.213.0.0/16), and every two hosts are joined by
+a veth pair of their own (nothing is forwarded, so no sysctl or firewall of this machine changes). In it, a command runs
 with a hostname of its own (UTS namespace) and, in a mount namespace of its own, an empty /dev/shm
 and empty tmpfs over the folders the host must not have (MNIST). Nothing outside the addresses
 made here is used, and everything made here is removed: the processes in the namespaces, the
@@ -17,7 +18,7 @@ import signal
 import subprocess
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -32,8 +33,8 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 class Host:
     hostname: str
     netns: str
-    address: str  # its address on the link to this side
-    link: str  # this side's end of the veth pair
+    address: str  # the one address it has, on each of its links
+    links: list[tuple[str, str]] = field(default_factory=list)  # its own ends: (interface, peer address)
 
     def command(self, cmd: list[str], hide: list[Path] = ()) -> list[str]:
         """`cmd` run on the host: its network, its hostname, its own /dev/shm, `hide` emptied."""
@@ -48,12 +49,15 @@ class Host:
         return [int(p) for p in ip("netns", "pids", self.netns, check=False).stdout.split()]
 
     def cut(self) -> None:
-        """Take the link down: the host is unreachable, its processes go on."""
-        ip("link", "set", self.link, "down")
+        """Every link of the host down at its end (its peers lose the carrier): the host is
+        unreachable and reaches nothing, its processes go on."""
+        for dev, _ in self.links:
+            ip("-n", self.netns, "link", "set", dev, "down")
 
     def mend(self) -> None:
-        ip("link", "set", self.link, "up")
-        ip("route", "replace", f"{self.address}/32", "dev", self.link)
+        for dev, peer in self.links:
+            ip("-n", self.netns, "link", "set", dev, "up")
+            ip("-n", self.netns, "route", "replace", f"{peer}/32", "dev", dev)
 
 
 def _free_subnet() -> int:
@@ -64,34 +68,51 @@ def _free_subnet() -> int:
             return n
 
 
+def _link(name: str, a: tuple[str | None, str], b: tuple[str | None, str]) -> tuple[str, str]:
+    """A veth pair between hosts a and b ((netns or None for this machine, address) each): each end
+    carries its host's address and a route to the other's. Returns the two ends' names."""
+    ends = (f"{name}a", f"{name}b")
+    ip("link", "add", ends[0], "type", "veth", "peer", "name", ends[1])
+    for (netns, address), (_, peer), dev in ((a, b, ends[0]), (b, a, ends[1])):
+        on = []
+        if netns is not None:
+            ip("link", "set", dev, "netns", netns)
+            on = ["-n", netns]
+        ip(*on, "addr", "add", f"{address}/32", "dev", dev)
+        ip(*on, "link", "set", dev, "up")
+        ip(*on, "route", "replace", f"{peer}/32", "dev", dev)
+    return ends
+
+
 @contextmanager
 def extra_hosts(count: int):
-    """(this side's address, [Host]): `count` hosts, removed with all their processes on exit."""
+    """(this machine's address, [Host]): `count` hosts, every two of them (this machine included)
+    joined by a link of their own, so that no traffic is forwarded; removed with all their
+    processes on exit."""
     tag, n = secrets.token_hex(3), _free_subnet()
     here = f"10.213.{n}.1"
     hosts: list[Host] = []
+    made: list[str] = []  # this machine's ends of the links
     try:
         for i in range(count):
-            host = Host(f"distnet-node{i + 2}", f"distnet-{tag}-{i}", f"10.213.{n}.{i + 2}", f"dn{tag}h{i}")
+            host = Host(f"distnet-node{i + 2}", f"distnet-{tag}-{i}", f"10.213.{n}.{i + 2}")
             ip("netns", "add", host.netns)
             hosts.append(host)
-            inner = f"dn{tag}n{i}"
-            ip("link", "add", host.link, "type", "veth", "peer", "name", inner)
-            ip("link", "set", inner, "netns", host.netns)
-            ip("addr", "add", f"{here}/32", "dev", host.link)
-            ip("link", "set", host.link, "up")
-            ip("route", "replace", f"{host.address}/32", "dev", host.link)
-            ip("-n", host.netns, "link", "set", inner, "name", "eth0")
-            ip("-n", host.netns, "addr", "add", f"{host.address}/32", "dev", "eth0")
-            ip("-n", host.netns, "link", "set", "eth0", "up")
             ip("-n", host.netns, "link", "set", "lo", "up")
-            ip("-n", host.netns, "route", "add", f"{here}/32", "dev", "eth0")
+            mine, theirs = _link(f"dn{tag}{i}", (None, here), (host.netns, host.address))
+            made.append(mine)
+            host.links.append((theirs, here))
+            for j, other in enumerate(hosts[:-1]):
+                a, b = _link(f"dn{tag}{j}{i}", (other.netns, other.address), (host.netns, host.address))
+                other.links.append((a, host.address))
+                host.links.append((b, other.address))
         yield here, hosts
     finally:
         for host in hosts:
             end_processes(host.pids)
-            ip("link", "del", host.link, check=False)
-            ip("netns", "del", host.netns, check=False)
+            ip("netns", "del", host.netns, check=False)  # with it the ends in it, and so their pairs
+        for dev in made:
+            ip("link", "del", dev, check=False)
 
 
 def end_processes(listing, timeout: float = 30) -> None:

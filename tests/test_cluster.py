@@ -7,7 +7,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,8 +21,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import hosts
+import records
 from conftest import RecordingSink, free_port
-from distnet import data, steptable, tracking, worker
+from distnet import data, steptable, sweep, tracking, worker
 from distnet.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,12 +53,16 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 NO_DATA = [SHARED_DATA, Path.home() / ".cache" / "distnet"]  # what the second host lacks: MNIST
 
 
+SCRIPT = ROOT / "cluster" / "mlflow_server.sh"
+
+
 @pytest.fixture
 def two_node_cluster(tmp_path):
-    """A Ray head (1 CPU) and an MLflow server on this machine, and a second Ray node (1 CPU) on a host
-    of its own (tests/hosts.py: its network namespace, address, hostname and /dev/shm, no MNIST),
-    everything reached by the addresses of the link between them, never by 127.0.0.1. Ends only what
-    it started (needs root, `ip` and `unshare`, which CI has)."""
+    """A Ray head (1 CPU) on this machine; a second Ray node (1 CPU) on a host of its own; the
+    tracking server (cluster/mlflow_server.sh: PostgreSQL and `mlflow server` over it) on a third
+    (tests/hosts.py: each host its own network namespace, address, hostname and /dev/shm; neither
+    has MNIST). Everything is reached by the addresses of the links between them, never by
+    127.0.0.1. Ends only what it started (needs root, `ip` and `unshare`, which CI has)."""
     if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
         pytest.fail("the two-host cluster needs root, ip and unshare (CI runs as root)")
     # Ray 2.60 heads use token auth; a fresh machine has no ~/.ray/auth_token, so the cluster gets
@@ -67,27 +71,39 @@ def two_node_cluster(tmp_path):
            "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     temp = Path(tempfile.mkdtemp(prefix="dnray", dir="/tmp"))  # Ray's socket paths must stay short
-    with hosts.extra_hosts(1) as (head_ip, (node2,)):
-        gcs, dash, mlflow_port = free_port(), free_port(), free_port()
-        server = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", head_ip, "--port", str(mlflow_port),
-             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-             str(tmp_path / "artifacts"), "--workers", "1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    temp.chmod(0o755)  # the postgres user reaches its data directory inside
+    with hosts.extra_hosts(2) as (head_ip, (node2, tracker)):
+        # The tracking host has ports of its own: the script's defaults (5000, PostgreSQL's 5432).
+        server_env = {**env, "MLFLOW": str(BIN / "mlflow"), "MLFLOW_HOST": tracker.address}
+        state = temp / "mlflow"
+
+        def start_server() -> None:
+            run(tracker.command(["bash", str(SCRIPT), "start", str(state)], NO_DATA), server_env)
+
+        def stop_server() -> None:
+            run(["bash", str(SCRIPT), "stop", str(state)], server_env)
+
+        def start_node2(attempt: int = 0) -> None:
+            """(Re)join the second host to the cluster: its Ray node, a fresh temp dir each time."""
+            run(node2.command([str(BIN / "ray"), "start", "--address", f"{head_ip}:{gcs}", "--node-ip-address",
+                               node2.address, "--num-cpus", "1", "--temp-dir", str(temp / f"node2-{attempt}")],
+                              NO_DATA), env)
+
+        gcs, dash = free_port(), free_port()
         try:
+            start_server()
             run([str(BIN / "ray"), "start", "--head", "--node-ip-address", head_ip, "--port", str(gcs),
                  "--dashboard-host", head_ip, "--dashboard-port", str(dash), "--num-cpus", "1",
                  "--temp-dir", str(temp / "head"), "--include-dashboard", "true"], env)
-            run(node2.command([str(BIN / "ray"), "start", "--address", f"{head_ip}:{gcs}", "--node-ip-address",
-                               node2.address, "--num-cpus", "1", "--temp-dir", str(temp / "node2")], NO_DATA), env)
-            uri = f"http://{head_ip}:{mlflow_port}"
-            tracking.wait_for_server(uri)
+            start_node2()
+            uri = f"http://{tracker.address}:5000"
+            tracking.wait_for_server(uri, log=state / "mlflow.log")
             yield {"env": env, "dashboard": f"http://{head_ip}:{dash}", "gcs": f"{head_ip}:{gcs}", "mlflow": uri,
-                   "node2": node2}
+                   "node2": node2, "start_node2": start_node2, "tracker": tracker, "start_server": start_server,
+                   "stop_server": stop_server}
         finally:
             hosts.end_process_trees(str(temp / "head"))  # the head's processes, its workers and jobs
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+            stop_server()
             shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -176,6 +192,180 @@ def test_two_workers_on_two_hosts_equal_one_worker(two_node_cluster, tmp_path):
     for name in sink.steps[0][1]:  # the same trajectory: every step's norms and global batch loss
         np.testing.assert_allclose(t2[name], [v[name][0] for _, v in sink.steps], rtol=1e-5, err_msg=name)
     assert two.data.metrics["test/acc"] == pytest.approx(float(one["final"]["test/acc"][0]), abs=1e-3)
+
+
+def node_ids(c: dict) -> dict[str, str]:
+    """Address -> Ray node id of the cluster's live nodes."""
+    out = run([str(BIN / "ray"), "list", "nodes", "--address", c["gcs"], "--format", "json"], c["env"]).stdout
+    return {n["node_ip"]: n["node_id"] for n in json.loads(out) if n["state"] == "ALIVE"}
+
+
+def wait_for(predicate, timeout: float):
+    """predicate()'s first true answer within `timeout` seconds, else None."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if answer := predicate():
+            return answer
+        time.sleep(0.2)
+    return None
+
+
+def running_on(client: MlflowClient, experiment: str, node_id: str) -> list:
+    """RUNNING runs whose rank 0 has written its first records (at a checkpoint) on node `node_id`."""
+    exp = client.get_experiment_by_name(experiment)
+    return exp and client.search_runs(
+        [exp.experiment_id], f"tags.`distnet.ray_node` = '{node_id}' and attributes.status = 'RUNNING'")
+
+
+def distnet(c: dict, tmp_path: Path, *args: str) -> subprocess.Popen:
+    """A distnet command on this machine (the head), against the cluster and its MLflow server."""
+    return subprocess.Popen([sys.executable, "-m", "distnet.cli", *args, "--address", c["gcs"], "--tracking-uri",
+                             c["mlflow"]], cwd=tmp_path, env=c["env"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def first_records(proc: subprocess.Popen, predicate, timeout: float = 300):
+    """predicate()'s first true answer while the distnet command `proc` runs (its output if it ends)."""
+    answer = wait_for(lambda: predicate() or proc.poll() is not None, timeout)
+    if proc.poll() is not None:
+        raise AssertionError(f"the command ended first ({proc.returncode}):\n{proc.communicate()[0][-4000:]}")
+    assert answer, "no checkpoint within the timeout"
+    return answer
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def long_sweep(tmp_path: Path, name: str) -> str:
+    """A 4-cell sweep file of jobs long enough to fault in the middle of (300 steps, a checkpoint
+    every 30), on two lanes: one per node."""
+    (tmp_path / f"{name}.yaml").write_text("""name: %s
+model: {depth: 2, width: 20, activation: tanh}
+data: {train_limit: 3840, eval_limit: 300, dir: %s}
+train: {epochs: 10, log_every: 10, metric_points: 30}
+checkpoint: {every: 30, unit: step}
+ray: {num_workers: 1, storage_path: %s}
+mlflow: {experiment: %s}
+sweep: {pack: 1, max_concurrent: 2}
+grid: {seed: [0, 1, 2, 3]}
+""" % (name, SHARED_DATA / "mnist", tmp_path / "storage", name))
+    return f"{name}.yaml"
+
+
+def assert_cells_as_computed(client: MlflowClient, tmp_path: Path, name: str) -> dict:
+    """The sweep's cells, one FINISHED run each (returned by cell id), each holding what its training
+    computes here without a fault: every step-table value and every MLflow value, each once."""
+    exp = client.get_experiment_by_name(name).experiment_id
+    runs = client.search_runs([exp], "tags.`distnet.cell_id` != ''")
+    cells = {r.data.tags["distnet.cell_id"]: r for r in runs}
+    assert len(runs) == len(cells) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    arrays = data.select(data.load_mnist(SHARED_DATA / "mnist"), "test", 3840, 300)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (one CPU each): the same sums in the same order
+    try:
+        for cell in sweep.load_sweep(tmp_path / f"{name}.yaml").cells:
+            recorded = RecordingSink()
+            worker.train(sweep.population_config([cell], "ref"), arrays, worker.WorkerEnv(), recorded)
+            records.assert_run_holds(client, cells[cell.id], recorded, 0)
+    finally:
+        torch.set_num_threads(threads)
+    return cells
+
+
+def test_a_node_lost_mid_sweep_costs_only_the_steps_since_its_checkpoint(two_node_cluster, tmp_path):
+    """Every Ray process of the second host SIGKILLed while its lane is inside a job, past a
+    checkpoint: the sweep finishes on the head alone, the lost job resumes from its last checkpoint
+    (not from step 0) into the same run, and every cell's record equals its training computed here
+    without a fault: every step-table value and every MLflow value, each once."""
+    c = two_node_cluster
+    node2 = node_ids(c)[c["node2"].address]
+    client = MlflowClient(c["mlflow"])
+    proc = distnet(c, tmp_path, "sweep", long_sweep(tmp_path, "lose"))
+    lost = first_records(proc, lambda: running_on(client, "lose", node2))
+    killed = time.time()
+    hosts.end_processes(c["node2"].pids)
+    finish(proc)
+    print(f"node lost: the sweep ended {time.time() - killed:.0f} s after the kill")  # docs/fault-tolerance.md
+    cells = assert_cells_as_computed(client, tmp_path, "lose")
+    resumed = cells[lost[0].data.tags["distnet.cell_id"]]
+    assert resumed.info.run_id == lost[0].info.run_id and resumed.data.tags["distnet.restarts"] == "1"
+    step = int(resumed.data.tags["distnet.resumed_from_step"])
+    assert step > 0 and step % 30 == 0  # from a checkpoint, not from the start
+    assert sum("distnet.resumed_from_step" in r.data.tags for r in cells.values()) == 1
+
+
+@pytest.mark.parametrize("fault", ["restarted", "cut-off"])
+def test_the_tracking_server_lost_for_a_while_mid_sweep(two_node_cluster, tmp_path, fault):
+    """The tracking server stopped for 20 s and started again (cluster/mlflow_server.sh, PostgreSQL
+    with it), or every link to its host cut for 30 s, once trainings have written their first
+    records: the driver says the server is not answering and when it answers again, the trainings
+    wait and retry (none restarts), and every cell's record equals its training computed here:
+    nothing lost, nothing written twice, no cell with two runs."""
+    c = two_node_cluster
+    client = MlflowClient(c["mlflow"])
+    ids = node_ids(c).values()
+    proc = distnet(c, tmp_path, "sweep", long_sweep(tmp_path, "away"))
+    first_records(proc, lambda: any(running_on(client, "away", i) for i in ids))
+    away = time.time()
+    if fault == "restarted":
+        c["stop_server"]()
+        time.sleep(20)
+        c["start_server"]()
+    else:
+        c["tracker"].cut()
+        time.sleep(30)
+        c["tracker"].mend()
+    back = time.time()
+    out = finish(proc)
+    print(f"server {fault}: the sweep ended {time.time() - back:.0f} s after it was back "
+          f"({back - away:.0f} s away)")
+    assert f"tracking server {c['mlflow']} is not answering" in out
+    assert re.search(rf"tracking server {re.escape(c['mlflow'])} answers again after \d+ s", out)
+    cells = assert_cells_as_computed(client, tmp_path, "away")
+    assert not any("distnet.restarts" in r.data.tags for r in cells.values())
+
+
+def test_a_node_lost_mid_training_resumes_when_it_rejoins(two_node_cluster, tmp_path):
+    """A 2-worker `distnet train`, one worker on each host; the second host's Ray processes SIGKILLed
+    after a checkpoint, and the host rejoins 5 s later: the training resumes on both hosts from that
+    checkpoint (each rank's second attempt starts there) and ends equal to one process training the
+    same config alone."""
+    c = two_node_cluster
+    cfg = {"name": "rejoin", "model": {"sizes": [784, 30, 30, 10]}, "train": {"epochs": 4, "momentum": 0.9},
+           "data": {"train_limit": 3840, "eval_limit": 500, "dir": str(SHARED_DATA / "mnist")},
+           "checkpoint": {"every": 20, "unit": "step"},  # 120 steps
+           "ray": {"num_workers": 2, "storage_path": str(tmp_path / "storage")},
+           "mlflow": {"experiment": "rejoin"}, "fault": {"trace": str(tmp_path / "trace")}}
+    (tmp_path / "rejoin.yaml").write_text(yaml.safe_dump(cfg))
+    client = MlflowClient(c["mlflow"])
+    ids = node_ids(c)
+    proc = distnet(c, tmp_path, "train", "rejoin.yaml")
+    first_records(proc, lambda: any(running_on(client, "rejoin", i) for i in ids.values()))
+    killed = time.time()
+    hosts.end_processes(c["node2"].pids)
+    time.sleep(5)
+    c["start_node2"](1)
+    finish(proc)
+    print(f"node lost and back after 5 s: the training ended {time.time() - killed:.0f} s after the kill")
+    exp = client.get_experiment_by_name("rejoin").experiment_id
+    (two,) = client.search_runs([exp], "attributes.run_name = 'rejoin'")
+    assert two.info.status == "FINISHED" and two.data.tags["distnet.restarts"] == "1"
+    step = int(two.data.tags["distnet.resumed_from_step"])
+    assert step > 0 and step % 20 == 0
+    for rank in (0, 1):
+        seen = [json.loads(line) for line in (tmp_path / "trace" / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert [a["first_step"] for a in seen] == [0, step]
+    one_cfg = build_config({**cfg, "ray": {"num_workers": 1}, "fault": {}})
+    recorded = RecordingSink()
+    arrays = data.select(data.load_mnist(cfg["data"]["dir"]), "test", 3840, 500)
+    worker.train(one_cfg, arrays, worker.WorkerEnv(device=torch.device("cpu")), recorded)
+    records.assert_run_holds(client, two, recorded, 0, rtol=1e-5)  # two workers sum in another order
 
 
 GPU_PLACEMENT = """

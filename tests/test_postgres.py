@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+import records
 from conftest import RecordingSink, free_port
 from distnet import data, launch, metrics, steptable, sweep, tracking, worker
 from distnet.config import config_hash, flatten
@@ -176,25 +177,12 @@ grid: {{model.depth: [1, 2], model.init: [xavier_normal, he_normal, lecun_normal
                          "mlflow.parentRunId": result.parent_run_id, **{k: str(v) for k, v in cell.axes.items()}}
         assert expected_tags.items() <= run.data.tags.items()
         assert run.info.run_name == f"pgkill/{cell.label}"
-        table = steptable.read(client, run.info.run_id)
+        table = records.assert_run_holds(client, run, sink, k)
         np.testing.assert_array_equal(table["step"], np.arange(10))
-        for name in table.keys() - {"step"}:
-            np.testing.assert_array_equal(table[name], [v[name][k] for _, v in sink.steps], err_msg=name)
-        logged = {}
-        for step, values in sink.logged:
-            for key, v in values.items():
-                logged.setdefault(key, []).append((step, float(v[k])))
-        keys = set(run.data.metrics) - {"perf/epoch_s", "perf/max_rss_mb", tracking.RATIO_INIT, tracking.RATIO_END}
-        assert keys == set(logged) - {"perf/epoch_s", "perf/max_rss_mb"}
-        for key in keys:  # every value once, the training's
-            history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-            assert [s for s, _ in history] == [s for s, _ in logged[key]], key
-            np.testing.assert_allclose([v for _, v in history], [v for _, v in logged[key]], rtol=1e-12,
-                                       err_msg=key)
         first, last = (np.float64(table[f"grad_norm/w/layer_{l}"]) for l in (1, cfg.model.depth + 1))
         row = rows[cell.label]
         assert row["run_id"] == run.info.run_id and row["status"] == "finished"
-        assert row["acc"] == pytest.approx(logged["test/acc"][-1][1], rel=1e-12)
+        assert row["acc"] == pytest.approx(float(sink.series("test/acc")[-1][1][k]), rel=1e-12)
         assert row["ratio_init"] == pytest.approx(first[0] / last[0], rel=1e-12)
         assert row["ratio_end"] == pytest.approx(first[-1] / last[-1], rel=1e-12)
         assert run.data.metrics[tracking.RATIO_INIT] == row["ratio_init"]

@@ -1,0 +1,35 @@
+"""What a run holds against what its training computed (a RecordingSink of the same training run
+again in-process): every step-table value and every MLflow value, each once."""
+
+from __future__ import annotations
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from distnet import steptable, tracking
+
+PERF = {"perf/epoch_s", "perf/max_rss_mb"}  # timings: differ from run to run
+
+
+def assert_run_holds(client: MlflowClient, run, recorded, k: int, rtol: float = 0.0) -> dict:
+    """`run` holds member k of `recorded`: its step table every step once, each column equal (bit for
+    bit by default, within `rtol` where the training summed in another order), and every MLflow
+    series step for step. Returns the step table."""
+    run_id = run.info.run_id
+    table = steptable.read(client, run_id)
+    np.testing.assert_array_equal(table["step"], [s for s, _ in recorded.steps])
+    for name in table.keys() - {"step"}:
+        np.testing.assert_allclose(table[name], [v[name][k] for _, v in recorded.steps], rtol=rtol, atol=0,
+                                   err_msg=name)
+    logged: dict[str, list[tuple[int, float]]] = {}
+    for step, values in recorded.logged:
+        for key, v in values.items():
+            logged.setdefault(key, []).append((step, float(v[k])))
+    keys = set(run.data.metrics) - PERF - {tracking.RATIO_INIT, tracking.RATIO_END}
+    assert keys == set(logged) - PERF
+    for key in keys:  # every value once, the training's
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        assert [s for s, _ in history] == [s for s, _ in logged[key]], key
+        np.testing.assert_allclose([v for _, v in history], [v for _, v in logged[key]], rtol=max(rtol, 1e-12),
+                                   err_msg=key)
+    return table
