@@ -1,12 +1,12 @@
 """Grid-scale rows of `make bench`: what distnet itself costs per cell, and a 10,000-cell sweep.
 
-    PYTHONPATH=benchmarks .venv/bin/python benchmarks/bench_grid.py [--big 10530] [--only sqlite|server|big] [--server-workers N]
+    PYTHONPATH=benchmarks .venv/bin/python benchmarks/bench_grid.py [--big 10530] [--only sqlite|server|big] [--server-workers N] [--repeat 3]
 
 Tiny cells (5 steps each: `train.max_steps=5`, `data.train_limit=1280`, `eval_limit=500`, width 30),
 so that what is left is distnet's own cost per cell:
 1. per-cell cost: the slope of sweep wall time between a 192-cell and a 768-cell sweep (depths 1-4 x
-   4 inits x seeds, packs of 16), into a local sqlite store and through the cluster's tracking server
-   (cluster/mlflow_server.sh: PostgreSQL, 4 server workers);
+   4 inits x seeds, packs of 16), into a local sqlite store (medians of --repeat sweeps of each size)
+   and through the cluster's tracking server (cluster/mlflow_server.sh: PostgreSQL);
 2. requests per cell, by endpoint, counted in the server's access log over the 768-cell sweep;
 3. the time from the sweep's start to its first trained step (the earliest `grad_norm/w/layer_1`
    timestamp), for 16 cells and for the big grid;
@@ -24,6 +24,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,12 +139,17 @@ def slope(times: dict[int, float]) -> float:
     return (t2 - t1) / (n2 - n1)
 
 
-def sqlite_rows(work: Path) -> list[tuple]:
-    sqlite = {n: timed(tiny_sweep(f"sq{n}", work / f"sq{n}", n), f"sqlite:///{work / f'sq{n}.db'}")[1]
-              for n in (192, 768)}
-    return [("tiny sweep into sqlite: 192 / 768 cells, wall time", f"{sqlite[192]:.1f} / {sqlite[768]:.1f}", "", "s", ""),
-            ("per-cell cost into sqlite (slope 192 -> 768; <= 25 ms wanted, was ~85)", f"{slope(sqlite) * 1e3:.1f}",
-             "85", "ms/cell", f"{85 / (slope(sqlite) * 1e3):.1f}x")]
+def sqlite_rows(work: Path, repeat: int = 3) -> list[tuple]:
+    """The slope between the medians of `repeat` sweeps of each size: one pair of single timings
+    swings by 10 ms a cell between invocations here."""
+    walls = {n: [timed(tiny_sweep(f"sq{n}-{i}", work / f"sq{n}-{i}", n), f"sqlite:///{work / f'sq{n}-{i}.db'}")[1]
+                 for i in range(repeat)] for n in (192, 768)}
+    sqlite = {n: statistics.median(w) for n, w in walls.items()}
+    each = {n: ", ".join(f"{t:.1f}" for t in w) for n, w in walls.items()}
+    return [(f"tiny sweep into sqlite: 192 / 768 cells, wall time (median of {repeat}: {each[192]} / {each[768]})",
+             f"{sqlite[192]:.1f} / {sqlite[768]:.1f}", "", "s", ""),
+            ("per-cell cost into sqlite (slope 192 -> 768 of the medians; <= 25 ms wanted, was ~85)",
+             f"{slope(sqlite) * 1e3:.1f}", "85", "ms/cell", f"{85 / (slope(sqlite) * 1e3):.1f}x")]
 
 
 def server_rows(work: Path, workers: int | None) -> list[tuple]:
@@ -197,8 +203,9 @@ def big_rows(work: Path, cells: int, workers: int | None = None) -> list[tuple]:
     ]
 
 
-def rows(work: Path, big: int = 10530, only: str | None = None, server_workers: int | None = None) -> list[tuple]:
-    parts = {"sqlite": lambda: sqlite_rows(work), "server": lambda: server_rows(work, server_workers),
+def rows(work: Path, big: int = 10530, only: str | None = None, server_workers: int | None = None,
+         repeat: int = 3) -> list[tuple]:
+    parts = {"sqlite": lambda: sqlite_rows(work, repeat), "server": lambda: server_rows(work, server_workers),
              "big": lambda: big_rows(work, big, server_workers) if big else []}
     out = []
     for name, part in parts.items():
@@ -214,10 +221,11 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=10530, help="cells of the big grid (810 per seed; 0 skips it)")
     ap.add_argument("--only", choices=["sqlite", "server", "big"], help="run one part")
     ap.add_argument("--server-workers", type=int, help="MLFLOW_WORKERS of the server (default: the script's)")
+    ap.add_argument("--repeat", type=int, default=3, help="sqlite sweeps of each size, for medians (default 3)")
     args = ap.parse_args()
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
-        table = rows(Path(tmp), args.big, args.only, args.server_workers)
+        table = rows(Path(tmp), args.big, args.only, args.server_workers, args.repeat)
     print("\n| row | distnet | before | unit | ratio |\n| --- | --- | --- | --- | --- |")
     for r in table:
         print("| " + " | ".join(r) + " |")
