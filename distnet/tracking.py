@@ -47,7 +47,6 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 DEFAULT_URI = "sqlite:///mlruns.db"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
-MAX_TAGS_PER_BATCH = 100
 SQLITE = "sqlite:///"
 # Requests in flight at once from one writer (the driver, each rank 0) to a tracking server: enough
 # to hide the round trips (a one-worker server here was as fast with 1 as with 8), few enough that
@@ -540,9 +539,7 @@ def sweep_parent(uri: str, exp_id: str, name: str, sweep_id: str, params: dict[s
         return RunRef(run_id)
     run = retry_busy(client.create_run, exp_id, run_name=name,
                        tags={"distnet.sweep_id": sweep_id, "distnet.kind": "sweep"})
-    items = [Param(k, str(v)) for k, v in params.items()]
-    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        retry_busy(client.log_batch, run.info.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+    write_batches(client, run.info.run_id, [], params=[Param(k, str(v)) for k, v in params.items()])
     return RunRef(run.info.run_id)
 
 
