@@ -1,6 +1,6 @@
 """Grid-scale rows of `make bench`: what distnet itself costs per cell, and a 10,000-cell sweep.
 
-    PYTHONPATH=benchmarks .venv/bin/python benchmarks/bench_grid.py [--big 10530] [--only sqlite|server|big] [--server-workers N] [--repeat 3]
+    PYTHONPATH=benchmarks .venv/bin/python benchmarks/bench_grid.py [--big 10530] [--only sqlite|server|big] [--server-workers N] [--repeat 3] [--server-auth basic|none]
 
 Tiny cells (5 steps each: `train.max_steps=5`, `data.train_limit=1280`, `eval_limit=500`, width 30),
 so that what is left is distnet's own cost per cell:
@@ -90,9 +90,12 @@ def first_step(uri: str, parent: str) -> float:
 
 
 class Server:
-    """cluster/mlflow_server.sh's PostgreSQL-backed server on loopback, stopped on exit."""
+    """cluster/mlflow_server.sh's PostgreSQL-backed server on loopback, stopped on exit; with its
+    login (`auth`: basic, as a cluster has it, or none) in this process's environment meanwhile,
+    where the driver takes it and hands it to the trainings. `auth_cache_ttl`: the script's
+    MLFLOW_AUTH_CACHE_TTL (0: the password checked at every request)."""
 
-    def __init__(self, work: Path, workers: int | None = None):
+    def __init__(self, work: Path, workers: int | None = None, auth: str = "basic", auth_cache_ttl: int | None = None):
         self.state = Path(tempfile.mkdtemp(prefix="dnpg", dir="/tmp"))
         self.state.chmod(0o755)
         port = free_port()
@@ -100,6 +103,10 @@ class Server:
                     "PG_PORT": str(free_port())}
         if workers:  # else the script's default
             self.env["MLFLOW_WORKERS"] = str(workers)
+        self.env["MLFLOW_AUTH"] = auth
+        if auth_cache_ttl is not None:
+            self.env["MLFLOW_AUTH_CACHE_TTL"] = str(auth_cache_ttl)
+        self.login: dict[str, str] = {}
         self.uri = f"http://127.0.0.1:{port}"
         self.log = self.state / "mlflow.log"
 
@@ -107,6 +114,9 @@ class Server:
         subprocess.run(["bash", str(ROOT / "cluster/mlflow_server.sh"), "start", str(self.state)], env=self.env,
                        check=True, timeout=120)
         tracking.wait_for_server(self.uri, log=self.log)
+        if (self.state / "credentials").exists():
+            self.login = dict(line.split("=", 1) for line in (self.state / "credentials").read_text().splitlines())
+            os.environ.update(self.login)
         return self
 
     def requests(self) -> collections.Counter:
@@ -114,7 +124,22 @@ class Server:
         return collections.Counter(method + " " + ARTIFACT.sub(r"/artifacts/\1", path)
                                    for method, path in REQUEST.findall(self.log.read_text()))
 
+    def cpu_seconds(self) -> float:
+        """CPU time so far of the server's processes (its session: `mlflow server` and its uvicorn
+        worker), PostgreSQL's aside: what a request costs the head, less noisy than wall time."""
+        sid, tick, total = int((self.state / "mlflow.pid").read_text()), os.sysconf("SC_CLK_TCK"), 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended meanwhile
+                continue
+            if int(fields[3]) == sid:  # the session id (field 6 of proc(5))
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total / tick
+
     def __exit__(self, *exc):
+        for key in self.login:
+            os.environ.pop(key, None)
         subprocess.run(["bash", str(ROOT / "cluster/mlflow_server.sh"), "stop", str(self.state)], env=self.env,
                        timeout=120)
         shutil.rmtree(self.state, ignore_errors=True)
@@ -152,22 +177,24 @@ def sqlite_rows(work: Path, repeat: int = 3) -> list[tuple]:
              f"{slope(sqlite) * 1e3:.1f}", "85", "ms/cell", f"{85 / (slope(sqlite) * 1e3):.1f}x")]
 
 
-def server_rows(work: Path, workers: int | None) -> list[tuple]:
-    with Server(work, workers) as server:
+def server_rows(work: Path, workers: int | None, auth: str = "basic") -> list[tuple]:
+    with Server(work, workers, auth) as server:
         start, _, result = timed(tiny_sweep("pg16", work / "pg16", 16), server.uri)
         first16 = first_step(server.uri, result.parent_run_id) - start
         served = {}
         for n in (192, 768):
-            before = server.requests()
+            before, cpu = server.requests(), server.cpu_seconds()
             served[n] = timed(tiny_sweep(f"pg{n}", work / f"pg{n}", n), server.uri)[1]
-            by_endpoint = server.requests() - before
+            by_endpoint, cpu = server.requests() - before, server.cpu_seconds() - cpu
     per_cell = {k: v / 768 for k, v in by_endpoint.most_common()}
-    how = f"{workers or 'default'} server worker(s)"
+    how = f"{workers or 'default'} server worker(s), {'with its login' if auth == 'basic' else 'no login'}"
     return [
         (f"tiny sweep through the PostgreSQL-backed server ({how}): 192 / 768 cells, wall time",
          f"{served[192]:.1f} / {served[768]:.1f}", "", "s", ""),
         (f"per-cell cost through the server ({how}; slope; <= 60 ms wanted, was ~900)", f"{slope(served) * 1e3:.1f}",
          "900", "ms/cell", f"{900 / (slope(served) * 1e3):.1f}x"),
+        (f"the server's CPU time per cell ({how}; 768-cell sweep; PostgreSQL aside)", f"{cpu / 768 * 1e3:.1f}", "",
+         "ms/cell", ""),
         ("requests per cell through the server (768-cell sweep; <= 6 wanted, was 21)",
          f"{sum(per_cell.values()):.2f}", "21", "requests", ""),
         ("  of which, by endpoint", "; ".join(f"{k} {v:.2f}" for k, v in per_cell.items()), "", "", ""),
@@ -204,8 +231,8 @@ def big_rows(work: Path, cells: int, workers: int | None = None) -> list[tuple]:
 
 
 def rows(work: Path, big: int = 10530, only: str | None = None, server_workers: int | None = None,
-         repeat: int = 3) -> list[tuple]:
-    parts = {"sqlite": lambda: sqlite_rows(work, repeat), "server": lambda: server_rows(work, server_workers),
+         repeat: int = 3, server_auth: str = "basic") -> list[tuple]:
+    parts = {"sqlite": lambda: sqlite_rows(work, repeat), "server": lambda: server_rows(work, server_workers, server_auth),
              "big": lambda: big_rows(work, big, server_workers) if big else []}
     out = []
     for name, part in parts.items():
@@ -222,10 +249,12 @@ def main() -> None:
     ap.add_argument("--only", choices=["sqlite", "server", "big"], help="run one part")
     ap.add_argument("--server-workers", type=int, help="MLFLOW_WORKERS of the server (default: the script's)")
     ap.add_argument("--repeat", type=int, default=3, help="sqlite sweeps of each size, for medians (default 3)")
+    ap.add_argument("--server-auth", choices=["basic", "none"], default="basic",
+                    help="the server's login (MLFLOW_AUTH of cluster/mlflow_server.sh; default basic, as a cluster has it)")
     args = ap.parse_args()
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
-        table = rows(Path(tmp), args.big, args.only, args.server_workers, args.repeat)
+        table = rows(Path(tmp), args.big, args.only, args.server_workers, args.repeat, args.server_auth)
     print("\n| row | distnet | before | unit | ratio |\n| --- | --- | --- | --- | --- |")
     for r in table:
         print("| " + " | ".join(r) + " |")

@@ -8,7 +8,17 @@
 #
 # Environment: MLFLOW_PORT (5000), MLFLOW_HOST (0.0.0.0), MLFLOW_WORKERS (1, see below), PG_PORT (5432),
 # ARTIFACTS (where the server keeps artifacts: STATE_DIR/artifacts, or an object store such as
-# s3://bucket/distnet), MLFLOW (the mlflow command: the one on PATH).
+# s3://bucket/distnet), MLFLOW (the mlflow command: the one on PATH), MLFLOW_ALLOWED_HOSTS (the Host
+# headers it answers: by default this host's names and addresses, see below), MLFLOW_AUTH (basic;
+# `none` serves without a login, for measuring what the login costs: docs/benchmarks.md).
+#
+# Only those with the login reach the runs: MLflow's basic-auth app. At the first start an admin
+# password is generated and kept in STATE_DIR/credentials (mode 0600, readable by this user only),
+# as the environment variables MLflow's clients take:
+#   set -a; . STATE_DIR/credentials; set +a     # MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD
+# distnet's driver reads them from its environment and hands them to its trainings through Ray. The
+# users are kept in PostgreSQL beside the runs (database mlflow_auth); more are added with MLflow's
+# user API or its UI, as the admin.
 # PostgreSQL's tools refuse to run as root: as root they run as the `postgres` user of Debian's
 # postgresql package (STATE_DIR/pg is then owned by it). The database listens on 127.0.0.1 only and
 # trusts local connections: only the MLflow server on this host talks to it.
@@ -50,9 +60,68 @@ if ! as_pg "$pgbin/pg_ctl" -D "$state/pg" status >/dev/null 2>&1; then
   as_pg "$pgbin/pg_ctl" -D "$state/pg" -l "$state/pg/server.log" -w \
     -o "-p $pg_port -k $state/pg -c listen_addresses=127.0.0.1 -c max_connections=$max_connections" start >/dev/null
 fi
-as_pg "$pgbin/psql" -h 127.0.0.1 -p "$pg_port" -U mlflow -d postgres -tAc \
-  "SELECT 1 FROM pg_database WHERE datname = 'mlflow'" | grep -q 1 ||
-  as_pg "$pgbin/createdb" -h 127.0.0.1 -p "$pg_port" -U mlflow mlflow
+for db in mlflow mlflow_auth; do
+  as_pg "$pgbin/psql" -h 127.0.0.1 -p "$pg_port" -U mlflow -d postgres -tAc \
+    "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 ||
+    as_pg "$pgbin/createdb" -h 127.0.0.1 -p "$pg_port" -U mlflow "$db"
+done
+
+auth=${MLFLOW_AUTH:-basic}
+if [ "$auth" = basic ]; then
+  if [ ! -f "$state/credentials" ]; then
+    # MLflow makes the admin from this password once, while its user store is empty: with the file
+    # lost and the users kept, a new password would not be taken. Say so instead.
+    if as_pg "$pgbin/psql" -h 127.0.0.1 -p "$pg_port" -U mlflow -d mlflow_auth -tAc \
+        "SELECT 1 FROM information_schema.tables WHERE table_name = 'users'" | grep -q 1; then
+      echo "mlflow_server.sh: $state/credentials is gone but the user store (database mlflow_auth) is not:" \
+           "restore the file, or drop that database to make a new admin" >&2
+      exit 1
+    fi
+    (umask 077; printf 'MLFLOW_TRACKING_USERNAME=admin\nMLFLOW_TRACKING_PASSWORD=%s\n' \
+      "$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')" >"$state/credentials")
+  fi
+  chmod 600 "$state/credentials"
+  # The key that signs the UI's CSRF tokens (the auth app's forms): one per server, kept, so that a
+  # restart and every worker take the same.
+  [ -f "$state/flask_secret" ] || (umask 077; head -c 32 /dev/urandom | base64 >"$state/flask_secret")
+  MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat "$state/flask_secret")
+  export MLFLOW_FLASK_SERVER_SECRET_KEY
+  # auth_cache_ttl_seconds: a login's password hash (PBKDF2) is checked once a minute per server
+  # worker, not at every request (docs/benchmarks.md has what each costs). A password changed
+  # through the API is taken at once by the worker that changed it, by the others within the TTL.
+  (umask 077; cat >"$state/basic_auth.ini" <<EOF
+[mlflow]
+default_permission = READ
+database_uri = postgresql://mlflow@127.0.0.1:$pg_port/mlflow_auth
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL:-60}
+EOF
+  )
+  app=(--app-name basic-auth)
+  export MLFLOW_AUTH_CONFIG_PATH="$state/basic_auth.ini"
+  MLFLOW_AUTH_ADMIN_PASSWORD=$(sed -n 's/^MLFLOW_TRACKING_PASSWORD=//p' "$state/credentials")
+  export MLFLOW_AUTH_ADMIN_PASSWORD
+elif [ "$auth" = none ]; then
+  app=()
+else
+  echo "mlflow_server.sh: MLFLOW_AUTH is basic or none, not $auth" >&2
+  exit 2
+fi
+
+# The Host headers it answers (a request naming any other host is refused: DNS rebinding): this
+# host's names and addresses, with and without the port. A head reached by another DNS name needs
+# MLFLOW_ALLOWED_HOSTS=name,name:port,...
+port=${MLFLOW_PORT:-5000}
+if [ -z "${MLFLOW_ALLOWED_HOSTS:-}" ]; then
+  names="localhost 127.0.0.1 $(hostname) $(hostname -I 2>/dev/null || true)"
+  [ "${MLFLOW_HOST:-0.0.0.0}" != 0.0.0.0 ] && names="$names $MLFLOW_HOST"
+  MLFLOW_ALLOWED_HOSTS=$(for n in $names; do
+    case $n in *:*) n="[$n]";; esac  # an IPv6 address, as a Host header writes it
+    printf '%s,%s:%s,' "$n" "$n" "$port"
+  done)
+  MLFLOW_ALLOWED_HOSTS=${MLFLOW_ALLOWED_HOSTS%,}
+fi
 
 if [ -f "$state/mlflow.pid" ] && kill -0 "$(cat "$state/mlflow.pid")" 2>/dev/null; then
   exit 0
@@ -67,9 +136,9 @@ fi
 # cell here against 80 ms with four (2 cores, docs/benchmarks.md); on a head with many cores and
 # many concurrent writers, more workers may still pay: MLFLOW_WORKERS=N.
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
-setsid "${MLFLOW:-mlflow}" server \
+setsid "${MLFLOW:-mlflow}" server "${app[@]}" \
   --backend-store-uri "postgresql://mlflow@127.0.0.1:$pg_port/mlflow" \
   --artifacts-destination "${ARTIFACTS:-$state/artifacts}" \
-  --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" --workers "$workers" \
+  --host "${MLFLOW_HOST:-0.0.0.0}" --port "$port" --workers "$workers" --allowed-hosts "$MLFLOW_ALLOWED_HOSTS" \
   >"$state/mlflow.log" 2>&1 < /dev/null &
 echo $! >"$state/mlflow.pid"

@@ -5,7 +5,10 @@
 
 `ray submit` copies this file to the head and runs it there with the arguments after it. It runs
 from the repository the cluster file mounted at ~/distnet, connects to the running cluster
-(`--address auto`) and logs to the head's MLflow server unless MLFLOW_TRACKING_URI says otherwise.
+(`--address auto`) and logs to the head's MLflow server unless MLFLOW_TRACKING_URI says otherwise,
+with the login that server generated (~/mlflow/credentials, cluster/mlflow_server.sh) unless
+MLFLOW_TRACKING_USERNAME says otherwise: `ray submit` runs this over SSH, outside the environment
+the head's Ray was started with.
 """
 
 import os
@@ -14,6 +17,7 @@ import sys
 from pathlib import Path
 
 REPO = Path.home() / "distnet"
+CREDENTIALS = Path.home() / "mlflow" / "credentials"  # the cluster files' STATE_DIR of the server
 
 
 def main() -> int:
@@ -21,6 +25,10 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     # Workers on other nodes must reach the server: the head's address, not localhost.
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"http://{socket.gethostbyname(socket.gethostname())}:5000")
+    if "MLFLOW_TRACKING_USERNAME" not in os.environ and CREDENTIALS.exists():
+        for line in CREDENTIALS.read_text().splitlines():  # KEY=value lines
+            key, value = line.split("=", 1)
+            os.environ[key] = value
     from distnet.cli import main as distnet_main
 
     return distnet_main(sys.argv[1:] + ["--address", "auto"])

@@ -16,11 +16,24 @@ from distnet.data import DataError
 EXIT_BAD_INPUT = 2
 
 
+def _tracking_uri(args) -> str:
+    """--tracking-uri or its default; a server's, once it has taken our login (before anything starts)."""
+    from distnet import tracking
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    try:
+        tracking.check_login(uri)
+    except tracking.LoginError as e:
+        print(f"distnet: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    return uri
+
+
 def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # before anything starts
     from distnet import launch, tracking, ui  # heavy imports (Ray, MLflow) only once the config is good
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    uri = _tracking_uri(args)
     population = len(cfg.members)
     print(f"distnet: {cfg.name}: sizes {cfg.sizes}, {cfg.model.activation}, {population} member(s), "
           f"{cfg.ray.num_workers} worker(s){' on GPU' if cfg.ray.use_gpu else ''}; MLflow {uri}", flush=True)
@@ -40,7 +53,7 @@ def _sweep(args) -> int:
     sw = sweep.load_sweep(args.config, args.overrides)  # every cell validated before anything starts
     from distnet import launch, tracking, ui
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    uri = _tracking_uri(args)
     result = launch.run_sweep(sw, uri, data_dir=args.data_dir, address=args.address, force=args.force)
     for r in result.failed:
         print(f"FAILED {r['cell']}: {tracking.short_reason(r['error'])} (run {r['run_id']})")
@@ -52,7 +65,7 @@ def _sweep(args) -> int:
 def _report(args) -> int:
     from distnet import report, tracking, ui
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    uri = _tracking_uri(args)
     out = Path(args.out or Path("reports") / "_".join(args.runs)[:80])
     try:
         manifest, parent = report.report(uri, args.runs, out, args.all_figures)
@@ -69,7 +82,7 @@ def _report(args) -> int:
 def _ui(args) -> int:
     from distnet import tracking, ui
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    uri = _tracking_uri(args)
     try:
         targets = ui.targets(uri, args.runs, args.group_by, args.aggregate, args.where)  # every argument checked first
     except ui.UIError as e:
@@ -78,6 +91,8 @@ def _ui(args) -> int:
     if tracking.is_server(uri):  # someone else's server: nothing to serve
         for t in targets:
             print(f"{t.label}: {t.url(uri)}")
+        if hint := tracking.login_hint(uri):
+            print(hint)
         return 0
     # The server runs in a session of its own (so that it stops as a whole): Ctrl-C, or a plain
     # kill of this process, ends this command through serve()'s cleanup, which stops it.

@@ -105,6 +105,7 @@ def _train_loop(loop_config: dict) -> None:
     rank = ctx.get_world_rank()
     env = worker.WorkerEnv(rank, ctx.get_world_size(), ray.train.torch.get_device())
     queue, lane, uri, board = loop_config["queue"], loop_config["lane"], loop_config["tracking_uri"], loop_config["board"]
+    loop_config["login"].install()  # before rank 0's first request to a tracking server that asks for it
     seq, resume, done = 0, None, False
     if (ckpt := ray.train.get_checkpoint()) is not None:
         meta, resume = _load_checkpoint(ckpt)
@@ -183,7 +184,8 @@ def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"queue": queue, "lane": lane, "tracking_uri": tracking_uri, "board": board},
+        train_loop_config={"queue": queue, "lane": lane, "tracking_uri": tracking_uri, "board": board,
+                           "login": tracking.Login.from_env()},
         scaling_config=scaling_config(cfg),
         torch_config=PinnedTorchConfig(),
         run_config=RunConfig(name=name,

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from distnet import cellrecords, steptable
@@ -128,6 +130,68 @@ class ServerWatch:
 def is_server(uri: str) -> bool:
     """A tracking server's address, as opposed to a local store (sqlite, a folder)."""
     return uri.startswith(("http://", "https://"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Login:
+    """A tracking server's login as MLflow's client takes it, from MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD. The driver reads it from its environment and hands it to its trainings
+    in the train loop's config (Ray neither stores nor shows that config; a worker's runtime_env
+    would be on its command line), and rank 0 puts it into its own environment. Its repr leaves the
+    password out, so that no traceback or log line shows it."""
+
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls) -> "Login":
+        return cls(os.environ.get(USERNAME), os.environ.get(PASSWORD))
+
+    def install(self) -> None:
+        """Into this process's environment, where MLflow's client reads it at each request."""
+        for name, value in ((USERNAME, self.username), (PASSWORD, self.password)):
+            if value is not None:
+                os.environ[name] = value
+
+
+USERNAME, PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+
+
+class LoginError(ValueError):
+    """The tracking server refuses our login (or asks for one we do not have)."""
+
+
+def login_hint(uri: str) -> str | None:
+    """For a person opening a server's UI: how to log in, where the server asks for it (a request
+    without a login is refused); None where it does not. Never the password itself."""
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10).close()
+        return None
+    except urllib.error.HTTPError as e:
+        if e.code != 401:
+            return None
+    except OSError:
+        return None
+    user = os.environ.get(USERNAME, "admin")
+    return (f"the server asks for a login: user {user!r}, password as in {PASSWORD} (a distnet cluster's "
+            "head keeps both in its tracking server's STATE_DIR/credentials, ~/mlflow/credentials by the cluster files)")
+
+
+def check_login(uri: str) -> None:
+    """Before anything starts: a server that asks for a login takes ours (one small request). The
+    message says where the login comes from, never what it is."""
+    if not is_server(uri):
+        return
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        if e.get_http_status_code() not in (401, 403):
+            raise
+        who = os.environ.get(USERNAME)
+        raise LoginError(
+            f"the tracking server {uri} refuses {'the login of ' + repr(who) if who else 'requests without a login'} "
+            f"(HTTP {e.get_http_status_code()}): set {USERNAME} and {PASSWORD}; a distnet cluster's head keeps "
+            "them in its tracking server's STATE_DIR/credentials (~/mlflow/credentials by the cluster files)") from None
 
 
 def concurrent(uri: str, fn: Callable[..., T], items: Iterable) -> list[T]:

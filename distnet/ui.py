@@ -323,6 +323,8 @@ def open_hint(uri: str, selectors: list[str]) -> list[str]:
             lines += [f"  {t.label}: {t.url(uri)}" for t in targets(uri, selectors)]
         except Exception as e:  # the work is done and logged: a link that cannot be made is no failure
             lines.append(f"  (no link: {type(e).__name__}: {e})")
+        if hint := tracking.login_hint(uri):
+            lines.append(f"  {hint}")
     return lines
 
 

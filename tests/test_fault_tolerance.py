@@ -5,9 +5,9 @@ exactly once. Each test costs about a minute here, so there are few of them."""
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -183,15 +183,18 @@ grid: {model.depth: [1], seed: [0, 1, 2, 3]}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
+    # The driver's lines, read as they come: once it has announced the sweep, its store exists and is
+    # migrated, and a client of ours cannot race that first migration.
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(iter(proc.stdout.readline, b"")), daemon=True)
+    reader.start()
+    assert wait_for(lambda: any(b"sweep ftsweep: 4 cells" in line for line in said), 120), b"".join(said)[-2000:]
+    client = MlflowClient(uri)
+    exp_id = client.get_experiment_by_name("distnet").experiment_id
+
     def finished_cells() -> set[str]:
-        # Plain sqlite reads: an MlflowClient here could race the driver's first schema migration.
-        try:
-            with sqlite3.connect(f"file:{tmp_path / 'mlruns.db'}?mode=ro", uri=True) as db:
-                rows = db.execute("SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                                  "WHERE r.status = 'FINISHED' AND t.key = 'distnet.cell_id'").fetchall()
-            return {r[0] for r in rows}
-        except sqlite3.Error:
-            return set()
+        runs = client.search_runs([exp_id], "attributes.status = 'FINISHED'")
+        return {r.info.run_id for r in runs if "distnet.cell_id" in r.data.tags}
 
     assert wait_for(lambda: len(finished_cells()) >= 1, 180)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -2,34 +2,49 @@
 cluster/mlflow_server.sh (what the cluster files run on the head), and a sweep of 104 cells written
 through it by two trainings at a time."""
 
+import base64
+import dataclasses
 import os
 import re
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 from mlflow.tracking import MlflowClient
 
 import records
 from conftest import RecordingSink, free_port
-from distnet import data, launch, metrics, steptable, sweep, tracking, worker
+from distnet import cli, data, launch, metrics, steptable, sweep, tracking, worker
 from distnet.config import config_hash, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cluster" / "mlflow_server.sh"
 
 
+@dataclasses.dataclass
+class Server:
+    uri: str
+    state: Path  # the script's STATE_DIR
+
+
 @pytest.fixture(scope="module")
 def postgres_mlflow():
     """PostgreSQL on a loopback port (as the `postgres` user when we are root) and `mlflow server`
-    over it; both stopped at the end."""
+    over it, with its login (the admin's, which the script generated) in this process's environment
+    as MLflow's clients take it, not in Ray's (started before, without it): the trainings get it
+    from distnet. Both stopped at the end."""
     assert list(Path("/usr/lib/postgresql").glob("*/bin/initdb")), \
         "PostgreSQL is not installed: `make test` installs Debian's postgresql where it can (apt-get as root)"
     state = Path(tempfile.mkdtemp(prefix="dnpg", dir="/tmp"))
@@ -41,16 +56,19 @@ def postgres_mlflow():
         subprocess.run(["bash", str(SCRIPT), "start", str(state)], env=env, check=True, timeout=120)
         uri = f"http://127.0.0.1:{port}"
         tracking.wait_for_server(uri, log=state / "mlflow.log")
-        yield uri
+        with pytest.MonkeyPatch.context() as mp:
+            for line in (state / "credentials").read_text().splitlines():
+                mp.setenv(*line.split("=", 1))
+            yield Server(uri, state)
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop", str(state)], env=env, timeout=120)
         shutil.rmtree(state, ignore_errors=True)
 
 
 def test_postgres_backed_server_takes_a_104_cell_sweep_from_concurrent_trainings(ray_cluster, postgres_mlflow,
-                                                                                 tmp_path, monkeypatch):
+                                                                                 tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    uri = postgres_mlflow
+    uri = postgres_mlflow.uri
     assert MlflowClient(uri).search_experiments()  # a real server: the default experiment is there
     raw = {"name": "pg104", "model": {"width": 16, "activation": "tanh"},
            "train": {"epochs": 1, "log_every": 4}, "data": {"train_limit": 1280, "eval_limit": 200},  # 10 steps
@@ -58,15 +76,26 @@ def test_postgres_backed_server_takes_a_104_cell_sweep_from_concurrent_trainings
            "mlflow": {"experiment": "pg"}, "sweep": {"pack": 13, "max_concurrent": 2},  # 8 trainings, 2 at once
            "grid": {"model.depth": [1, 2], "model.init": ["xavier_normal", "he_normal", "nielsen_scaled", "lecun_normal"],
                     "seed": list(range(13))}}
-    result = launch.run_sweep(sweep.build_sweep(raw), uri, say=lambda *_: None)
+    said = []
+    result = launch.run_sweep(sweep.build_sweep(raw), uri, say=said.append)
     assert result.trained == 104 and not result.failed
     client = MlflowClient(uri)
     runs = tracking.child_runs(uri, result.parent_run_id)
     assert len(runs) == 104 and len({r.data.tags["distnet.cell_id"] for r in runs}) == 104
+    # The trainings wrote with the login that distnet handed them: Ray's workers have none of their own.
+    password = os.environ[tracking.PASSWORD]
+    assert ray.get(ray.remote(lambda: tracking.PASSWORD in os.environ).remote()) is False
+    # ... and it is nowhere in the records or in what the driver said.
+    parent = client.get_run(result.parent_run_id)
+    assert not any(password in str(v) for v in [*said, *parent.data.params.values(), *parent.data.tags.values()])
+    assert password not in Path(client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path))).read_text()
 
     def check(r) -> tuple[str, list[int]]:
         """One cell against its step table; its lane and test/acc timestamps."""
         assert r.info.status == "FINISHED" and r.data.tags["distnet.status"] == "finished"
+        assert not any(password in v for v in [*r.data.params.values(), *r.data.tags.values()])
+        with tempfile.TemporaryDirectory() as tmp:
+            assert password not in Path(client.download_artifacts(r.info.run_id, "config.yaml", tmp)).read_text()
         depth = int(r.data.tags["depth"])
         table = steptable.read(client, r.info.run_id)  # every step once, nothing lost
         np.testing.assert_array_equal(table["step"], np.arange(10))
@@ -87,6 +116,13 @@ def test_postgres_backed_server_takes_a_104_cell_sweep_from_concurrent_trainings
     assert max(min(t) for t in spans.values()) < min(max(t) for t in spans.values())
     assert {row["run_id"] for row in result.rows} == {r.info.run_id for r in runs}
     assert all(np.isfinite(row["ratio_init"]) for row in result.rows)  # the summary read the step tables
+    # `distnet ui` on the server: the link, and how a person logs in (not the password).
+    capsys.readouterr()
+    assert cli.main(["ui", "pg104", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"{uri}/#/experiments/{parent.info.experiment_id}" in out
+    assert "the server asks for a login: user 'admin', password as in MLFLOW_TRACKING_PASSWORD" in out
+    assert password not in out
 
 
 def test_every_value_through_the_server_matches_the_trainings_after_a_driver_kill(ray_cluster, postgres_mlflow,
@@ -96,7 +132,7 @@ def test_every_value_through_the_server_matches_the_trainings_after_a_driver_kil
     metric value, step table and summary row are what its training computes (each cell trained again
     here, alone, with the recording sink), none written twice; the killed driver had created runs
     only a few jobs ahead of the lanes."""
-    uri = postgres_mlflow
+    uri = postgres_mlflow.uri
     spec = tmp_path / "kill.yaml"
     spec.write_text(f"""name: pgkill
 model: {{width: 16, activation: tanh}}
@@ -190,3 +226,56 @@ grid: {{model.depth: [1, 2], model.init: [xavier_normal, he_normal, lecun_normal
 
     for cell in sw.cells:
         check(cell)
+
+
+def test_the_server_answers_only_its_login_and_its_own_host_names(postgres_mlflow):
+    """cluster/mlflow_server.sh's server: 401 without the login or with a wrong password, 403 for a
+    Host header that is none of this host's names (DNS rebinding), the admin's generated password
+    kept readable by its user only."""
+    uri = postgres_mlflow.uri
+    user, password = os.environ[tracking.USERNAME], os.environ[tracking.PASSWORD]
+    port = uri.rsplit(":", 1)[1]
+
+    def status(login: tuple[str, str] | None, host: str | None = None) -> int:
+        request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
+        if login:
+            request.add_header("Authorization", "Basic " + base64.b64encode(":".join(login).encode()).decode())
+        if host:
+            request.add_header("Host", host)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status(None) == 401
+    assert status((user, password + "x")) == 401
+    assert status(("someone", password)) == 401
+    assert status((user, password)) == 200
+    assert status((user, password), f"localhost:{port}") == 200
+    assert status((user, password), f"{socket.gethostname()}:{port}") == 200
+    assert status((user, password), f"evil.example:{port}") == 403
+    assert status((user, password), "10.213.9.9") == 403  # an address that is not this host's
+    assert stat.S_IMODE((postgres_mlflow.state / "credentials").stat().st_mode) == 0o600
+    assert user == "admin" and len(password) >= 24
+
+
+@pytest.mark.parametrize("login", [None, ("admin", "not-the-password")])
+def test_a_driver_without_the_login_stops_before_anything_starts(postgres_mlflow, tmp_path, login):
+    """`distnet sweep` against the server without its login, or with a wrong one: a clear error
+    (exit 2) that says which variables to set and where a cluster keeps them, shows no password,
+    and nothing written to the server."""
+    env = {k: v for k, v in os.environ.items() if k not in (tracking.USERNAME, tracking.PASSWORD)}
+    if login:
+        env |= {tracking.USERNAME: login[0], tracking.PASSWORD: login[1]}
+    spec = tmp_path / "nologin.yaml"
+    spec.write_text("name: nologin\nmodel: {width: 16}\nmlflow: {experiment: nologin}\ngrid: {model.depth: [1, 2]}\n")
+    proc = subprocess.run([sys.executable, "-m", "distnet.cli", "sweep", str(spec), "--tracking-uri",
+                           postgres_mlflow.uri], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    said = "refuses the login of 'admin'" if login else "refuses requests without a login"
+    assert f"distnet: the tracking server {postgres_mlflow.uri} {said} (HTTP 401)" in proc.stderr
+    assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in proc.stderr
+    assert "credentials" in proc.stderr
+    assert not login or login[1] not in proc.stdout + proc.stderr
+    assert MlflowClient(postgres_mlflow.uri).get_experiment_by_name("nologin") is None

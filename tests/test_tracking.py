@@ -126,6 +126,8 @@ def test_sink_restore_writes_what_the_checkpoint_held_once(tracking_uri):
 def test_installed_mlflow_is_in_the_pinned_range():
     """distnet uses MLflow's public client API as of the versions its tests ran on; pyproject.toml pins
     that range, and an environment that leaves it fails here."""
-    (req,) = [Requirement(r) for r in importlib.metadata.requires("distnet") if Requirement(r).name == "mlflow"]
+    mlflows = [Requirement(r) for r in importlib.metadata.requires("distnet") if Requirement(r).name == "mlflow"]
+    (req,) = [r for r in mlflows if r.marker is None]  # the dependency; the `server` extra adds mlflow[auth]
     assert str(req.specifier), "mlflow must be pinned to a range"
+    assert all(r.specifier == req.specifier for r in mlflows), mlflows  # the extra's range is the same
     assert req.specifier.contains(importlib.metadata.version("mlflow")), (req, importlib.metadata.version("mlflow"))
