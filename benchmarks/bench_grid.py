@@ -115,7 +115,7 @@ class Server:
                        check=True, timeout=120)
         tracking.wait_for_server(self.uri, log=self.log)
         if (self.state / "credentials").exists():
-            self.login = dict(line.split("=", 1) for line in (self.state / "credentials").read_text().splitlines())
+            self.login = tracking.Login.from_file(self.state / "credentials").environ()
             os.environ.update(self.login)
         return self
 

@@ -25,11 +25,11 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     # Workers on other nodes must reach the server: the head's address, not localhost.
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"http://{socket.gethostbyname(socket.gethostname())}:5000")
-    if "MLFLOW_TRACKING_USERNAME" not in os.environ and CREDENTIALS.exists():
-        for line in CREDENTIALS.read_text().splitlines():  # KEY=value lines
-            key, value = line.split("=", 1)
-            os.environ[key] = value
+    from distnet import tracking
     from distnet.cli import main as distnet_main
+
+    if tracking.USERNAME not in os.environ and CREDENTIALS.exists():
+        tracking.Login.from_file(CREDENTIALS).install()
 
     return distnet_main(sys.argv[1:] + ["--address", "auto"])
 

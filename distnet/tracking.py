@@ -132,6 +132,12 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+USERNAME, PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+# Where a person or a job finds the login of a distnet cluster's server (cluster/mlflow_server.sh).
+WHERE = ("a distnet cluster's head keeps it in its tracking server's STATE_DIR/credentials "
+         "(~/mlflow/credentials by the cluster files)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Login:
     """A tracking server's login as MLflow's client takes it, from MLFLOW_TRACKING_USERNAME and
@@ -147,14 +153,19 @@ class Login:
     def from_env(cls) -> "Login":
         return cls(os.environ.get(USERNAME), os.environ.get(PASSWORD))
 
+    @classmethod
+    def from_file(cls, path: Path) -> "Login":
+        """cluster/mlflow_server.sh's credentials file: `MLFLOW_TRACKING_USERNAME=...` lines."""
+        values = dict(line.split("=", 1) for line in Path(path).read_text().splitlines() if "=" in line)
+        return cls(values.get(USERNAME), values.get(PASSWORD))
+
+    def environ(self) -> dict[str, str]:
+        """As environment variables, the ones that are set."""
+        return {k: v for k, v in ((USERNAME, self.username), (PASSWORD, self.password)) if v is not None}
+
     def install(self) -> None:
         """Into this process's environment, where MLflow's client reads it at each request."""
-        for name, value in ((USERNAME, self.username), (PASSWORD, self.password)):
-            if value is not None:
-                os.environ[name] = value
-
-
-USERNAME, PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+        os.environ.update(self.environ())
 
 
 class LoginError(ValueError):
@@ -173,8 +184,7 @@ def login_hint(uri: str) -> str | None:
     except OSError:
         return None
     user = os.environ.get(USERNAME, "admin")
-    return (f"the server asks for a login: user {user!r}, password as in {PASSWORD} (a distnet cluster's "
-            "head keeps both in its tracking server's STATE_DIR/credentials, ~/mlflow/credentials by the cluster files)")
+    return f"the server asks for a login: user {user!r}, password as in {PASSWORD} ({WHERE})"
 
 
 def check_login(uri: str) -> None:
@@ -190,8 +200,7 @@ def check_login(uri: str) -> None:
         who = os.environ.get(USERNAME)
         raise LoginError(
             f"the tracking server {uri} refuses {'the login of ' + repr(who) if who else 'requests without a login'} "
-            f"(HTTP {e.get_http_status_code()}): set {USERNAME} and {PASSWORD}; a distnet cluster's head keeps "
-            "them in its tracking server's STATE_DIR/credentials (~/mlflow/credentials by the cluster files)") from None
+            f"(HTTP {e.get_http_status_code()}): set {USERNAME} and {PASSWORD}; {WHERE}") from None
 
 
 def concurrent(uri: str, fn: Callable[..., T], items: Iterable) -> list[T]:

@@ -102,7 +102,7 @@ def two_node_cluster(tmp_path, monkeypatch):
             start_server()
             # The server's login, as the cluster files hand it to the head's Ray (its jobs' drivers
             # inherit it) and as a user on the head has it; the second host gets it from distnet only.
-            login = dict(line.split("=", 1) for line in (state / "credentials").read_text().splitlines())
+            login = tracking.Login.from_file(state / "credentials").environ()
             # Its agents on free ports: a Ray of this test session on the same host holds the
             # defaults (the job agent's 52365 among them), and `ray job submit` found no agent.
             agent_ports = [f"--{flag}={free_port()}" for flag in (

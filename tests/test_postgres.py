@@ -57,8 +57,8 @@ def postgres_mlflow():
         uri = f"http://127.0.0.1:{port}"
         tracking.wait_for_server(uri, log=state / "mlflow.log")
         with pytest.MonkeyPatch.context() as mp:
-            for line in (state / "credentials").read_text().splitlines():
-                mp.setenv(*line.split("=", 1))
+            for key, value in tracking.Login.from_file(state / "credentials").environ().items():
+                mp.setenv(key, value)
             yield Server(uri, state)
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop", str(state)], env=env, timeout=120)
