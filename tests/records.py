@@ -9,12 +9,18 @@ from mlflow.tracking import MlflowClient
 from distnet import steptable, tracking
 
 PERF = {"perf/epoch_s", "perf/max_rss_mb"}  # timings: differ from run to run
+# A training in a Ray worker and the same training in the test process have differed in the last bit
+# of a gradient norm (1 ulp of float32, 2 steps of 1 cell in 36, 1 run in 5), the steps after it
+# equal again: the norm's reduction differed, not the training. Not the torch thread count
+# (1 vs 2 give equal norms here) nor the order the packs train in (checked); cause not found. A
+# value lost, duplicated or taken from another cell or step differs far more than 1e-6.
+OTHER_PROCESS = 1e-6
 
 
-def assert_run_holds(client: MlflowClient, run, recorded, k: int, rtol: float = 0.0) -> dict:
-    """`run` holds member k of `recorded`: its step table every step once, each column equal (bit for
-    bit by default, within `rtol` where the training summed in another order), and every MLflow
-    series step for step. Returns the step table."""
+def assert_run_holds(client: MlflowClient, run, recorded, k: int, rtol: float = OTHER_PROCESS) -> dict:
+    """`run` holds member k of `recorded`: its step table every step once, each column equal (within
+    `rtol`: by default a training in another process, OTHER_PROCESS; more where it summed in
+    another order), and every MLflow series step for step. Returns the step table."""
     run_id = run.info.run_id
     table = steptable.read(client, run_id)
     np.testing.assert_array_equal(table["step"], [s for s, _ in recorded.steps])
@@ -30,6 +36,6 @@ def assert_run_holds(client: MlflowClient, run, recorded, k: int, rtol: float = 
     for key in keys:  # every value once, the training's
         history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
         assert [s for s, _ in history] == [s for s, _ in logged[key]], key
-        np.testing.assert_allclose([v for _, v in history], [v for _, v in logged[key]], rtol=max(rtol, 1e-12),
+        np.testing.assert_allclose([v for _, v in history], [v for _, v in logged[key]], rtol=rtol,
                                    err_msg=key)
     return table

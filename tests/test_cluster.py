@@ -36,15 +36,18 @@ def test_cluster_file_passes_rays_validator(name):
 
     raw = yaml.safe_load((ROOT / "cluster" / name).read_text())
     validate_config(prepare_config(raw))  # what `ray up` runs before it touches a cloud
-    assert raw["file_mounts"] == {"~/distnet": "."}
+    assert raw["file_mounts"] == {"~/distnet": ".", "~/.ray/auth_token": "~/.ray/auth_token"}  # the code, Ray's token
+    assert raw["rsync_filter"] == [".gitignore"]
+    # Every node's shells: Ray's token auth on, the checkpoints where all nodes reach them.
+    assert re.search(r"RAY_AUTH_MODE=token.*DISTNET_STORAGE=(/mnt/|s3://|gs://)", " ".join(raw["setup_commands"]))
     # The tracking server first, then the head's Ray with its login, which the jobs' drivers inherit.
     server, ray_head = (raw["head_start_ray_commands"].index(c) for c in (
         "bash ~/distnet/cluster/mlflow_server.sh start ~/mlflow",
         next(c for c in raw["head_start_ray_commands"] if "ray start --head" in c)))
     assert server < ray_head
-    assert raw["head_start_ray_commands"][ray_head].startswith("set -a && . ~/mlflow/credentials && ray start --head")
+    assert raw["head_start_ray_commands"][ray_head].startswith("set -a && . ~/mlflow/credentials && ")
     assert any("install" in c and "postgresql" in c for c in raw["head_setup_commands"])
-    assert any("pip install" in c and "~/distnet" in c for c in raw["setup_commands"])
+    assert any("pip install" in c and "distnet" in c for c in raw["setup_commands"])
 
 
 def run(cmd, env, timeout=120, check=True):

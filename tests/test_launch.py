@@ -92,3 +92,17 @@ def test_cli_train_prints_accuracy_run_id_and_ui_command(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     assert f"open the UI: distnet ui {run_id} --tracking-uri {uri}" in out
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_storage_path_is_under_distnet_storage_where_a_cluster_sets_it(tmp_path, monkeypatch):
+    """A relative `ray.storage_path` lies under $DISTNET_STORAGE (the folder every node of a cluster
+    reaches: the cluster files set it), else under the working directory; an absolute path or a
+    bucket URI is taken as it is."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISTNET_STORAGE", raising=False)
+    relative, absolute, bucket = (build_config({"model": {"depth": 1, "width": 10}, "ray": {"storage_path": p}}) for p in
+                                  ("runs", "/srv/runs", "s3://bucket/runs"))
+    assert launch.storage_path(relative) == str(tmp_path / "runs")
+    monkeypatch.setenv("DISTNET_STORAGE", "/mnt/shared/distnet")
+    assert [launch.storage_path(c) for c in (relative, absolute, bucket)] == [
+        "/mnt/shared/distnet/runs", "/srv/runs", "s3://bucket/runs"]
