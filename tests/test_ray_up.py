@@ -158,6 +158,7 @@ grid: {model.depth: [1, 2], seed: [0, 1]}
     laptop = root / "laptop"  # the user's home: the launcher's state, cached configs, Ray's token
     laptop.mkdir()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HOME": str(laptop), "RAY_TMPDIR": str(laptop),
+           "RAY_USAGE_STATS_ENABLED": "0",  # the launcher reports nothing anywhere
            "TMPDIR": str(laptop)}
     for k in (tracking.USERNAME, tracking.PASSWORD, "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE",
               "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
