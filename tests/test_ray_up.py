@@ -7,7 +7,9 @@ ssh user (root) and key; one worker host, not two; no `apt-get` (PostgreSQL is i
 no network) and no `pip install`: the file's virtual environment is this machine's installed one
 (a link at ~/distnet-env), and the hosts import distnet from what `ray up` shipped (PYTHONPATH in
 their ~/.bashrc). MNIST is in each host's ~/.cache/distnet as `distnet data download` leaves it (no
-network), and `distnet data verify` checks it there. Every other command runs as the file has it."""
+network), and `distnet data verify` checks it there. The folder the file wants every machine to
+mount at /mnt/shared is one folder of this machine, bound there on both hosts (as NFS would be).
+Every other command runs as the file has it."""
 
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ def shared_python() -> list[Path]:
 
 @pytest.fixture
 def ssh_hosts(tmp_path):
-    """(head, worker, key): two hosts serving SSH to `key`, without MNIST but in their home's cache."""
+    """(head, worker, key, root): two hosts serving SSH to `key`, MNIST only in their home's cache.
+    `root`/HOSTNAME/home is a host's home; `root`/nfs the folder both mount at /mnt/shared."""
     if os.geteuid() != 0 or not all(shutil.which(c) for c in ("ip", "unshare", "rsync", "/usr/sbin/sshd")):
         pytest.fail("ray up's hosts need root, ip, unshare, rsync and sshd (make test installs them; CI runs as root)")
     root = Path(tempfile.mkdtemp(prefix="dnup", dir="/tmp"))  # Ray's socket paths must stay short
