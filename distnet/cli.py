@@ -119,6 +119,14 @@ def _meanfield(args) -> int:
         print(f"order to chaos (chi_1 = 1) at sigma_w^2 = {crit:.4f} for sigma_b^2 = {args.sigma_b2:g}")
     except ValueError as e:
         print(f"no order-to-chaos transition found: {e}")
+    if args.depth:
+        print(f"the Jacobian of {args.depth} hidden layers, J J^T's eigenvalues: mean, and variance over mean squared "
+              "(Pennington et al. 2017)")
+        print(f"{'sigma_w^2':>9} {'mean':>10} {'spread, Gaussian W':>19} {'spread, orthogonal W':>21}")
+        for v in values:
+            gauss, orth = (meanfield.jacobian_spectrum(args.activation, v, args.sigma_b2, args.depth, w)
+                           for w in ("gaussian", "orthogonal"))
+            print(f"{v:>9.4g} {gauss.mean:>10.4g} {gauss.spread:>19.4g} {orth.spread:>21.4g}")
     return 0
 
 
@@ -217,6 +225,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--sigma-w2", type=_sigma_w2_values, nargs="+", required=True,
                    help="weight variance(s) sigma_w^2 (W ~ N(0, sigma_w^2 / n_in)): values or START:STOP:N")
     m.add_argument("--sigma-b2", type=_sigma_b2_value, default=0.05, help="bias variance sigma_b^2 (default 0.05)")
+    m.add_argument("--depth", type=int, help="also the predicted spectrum of the Jacobian of this many hidden layers")
     m.set_defaults(func=_meanfield)
 
     sub.add_parser("list", help="print the registered inits, activations and losses").set_defaults(func=_list)

@@ -155,6 +155,40 @@ def critical_sigma_w2(activation: str, sigma_b2: float, lo: float = 0.5, hi: flo
     return bisect(f, lo, hi)
 
 
+# The spread (variance over mean squared) of the eigenvalues of W W^T for one layer's weights at
+# large width: Marchenko-Pastur at aspect ratio 1 for i.i.d. Gaussian entries; none for orthogonal W.
+WEIGHT_SPREAD = {"gaussian": 1.0, "orthogonal": 0.0}
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """The predicted moments of the squared singular values of the hidden stack's input-output
+    Jacobian J = D_L W_L ... D_1 W_1 (L square layers, D_l = diag phi'(h^l), every h^l at q*): their
+    mean, and their variance over the mean squared."""
+
+    depth: int
+    weights: str
+    mean: float
+    spread: float
+
+
+def jacobian_spectrum(activation: str, sigma_w2: float, sigma_b2: float, depth: int, weights: str) -> Spectrum:
+    """Pennington, Schoenholz and Ganguli 2017 ("Resurrecting the sigmoid ... dynamical isometry"),
+    by free probability: J J^T's S-transform is the product of its layers' (those of D_l^2 and of
+    W_l W_l^T, freely independent at large width), and a product's first S-coefficient is the sum
+    of its factors', so spreads add: spread = L (mu_2 / mu_1^2 - 1 + WEIGHT_SPREAD[weights]), with
+    mu_k = E[phi'(h)^2k] at q*. The mean is chi_1^L (chi_1 = sigma_w^2 mu_1). Orthogonal weights
+    remove the Marchenko-Pastur term, so at chi_1 = 1 a linear net with them is an exact isometry and
+    a ReLU net still spreads by L."""
+    if weights not in WEIGHT_SPREAD:
+        raise ValueError(f"weights {weights!r}: allowed {', '.join(WEIGHT_SPREAD)}")
+    g = Gauss(activation)
+    _, q = length_fixed_point(g, sigma_w2, sigma_b2)  # q*, or where the map left its bounds (as mean_field)
+    _, d = g.phi(math.sqrt(q) * g.z)
+    mu1, mu2 = float(g.w @ d**2), float(g.w @ d**4)
+    return Spectrum(depth, weights, (sigma_w2 * mu1) ** depth, depth * (mu2 / mu1**2 - 1 + WEIGHT_SPREAD[weights]))
+
+
 def table(rows: list[MeanField]) -> str:
     head = f"{'sigma_w^2':>9} {'sigma_b^2':>9} {'q*':>10} {'c*':>8} {'chi_1':>8} {'xi_c':>9} {'6 xi_c':>9}  phase"
     out = [head, "-" * len(head)]

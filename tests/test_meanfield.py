@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from distnet import cli, data, meanfield, sweep
+from distnet import cli, data, meanfield, registry, sweep
 from distnet.config import ConfigError, build_config
-from distnet.model import PopulationMLP, init_theta
+from distnet.model import PopulationMLP, init_theta, layer_views, make_layers
 
 
 def test_tanh_order_to_chaos_at_sigma_b2_005_is_near_1_76():
@@ -67,6 +67,61 @@ def test_q_star_and_c_star_match_a_deep_wide_distnet_network_at_init(sigma_w2):
         assert float(off.mean()) == pytest.approx(mf.c_star, abs=0.02)
 
 
+TANH_CRITICAL = ("tanh", 1.7610, 0.05)  # chi_1 = 1 at sigma_b^2 = 0.05 (the first test)
+ON_THE_CRITICAL_LINE = [("identity", 1.0, 0.0), ("relu", 2.0, 0.0), TANH_CRITICAL]
+
+
+def test_jacobian_spectrum_has_its_closed_forms():
+    """Linear nets: Gaussian weights spread J J^T's eigenvalues by L (a product of L Ginibre
+    matrices: Fuss-Catalan, m2 = L + 1), orthogonal ones not at all; ReLU's phi'^2 is 0 or 1, half
+    each (mu_2 / mu_1^2 = 2): 2L and L. The mean is chi_1^L on either side of chi_1 = 1."""
+    for depth in (1, 8, 32):
+        spread = {(act, w): meanfield.jacobian_spectrum(act, s2, b2, depth, w).spread
+                  for act, s2, b2 in ON_THE_CRITICAL_LINE[:2] for w in ("gaussian", "orthogonal")}
+        assert spread == pytest.approx({("identity", "gaussian"): depth, ("identity", "orthogonal"): 0,
+                                        ("relu", "gaussian"): 2 * depth, ("relu", "orthogonal"): depth}, rel=1e-6)
+    for s2 in (1.5, 2.0, 2.5):
+        assert meanfield.jacobian_spectrum("relu", s2, 0.0, 8, "gaussian").mean == pytest.approx((s2 / 2) ** 8, rel=1e-9)
+        assert meanfield.jacobian_spectrum("identity", s2, 0.0, 8, "orthogonal").mean == pytest.approx(s2**8, rel=1e-12)
+    with pytest.raises(ValueError, match="allowed gaussian, orthogonal"):
+        meanfield.jacobian_spectrum("tanh", 1.0, 0.05, 8, "uniform")
+
+
+def measured_spectrum(activation: str, sigma_w2: float, sigma_b2: float, depth: int, init: str, seed: int,
+                      width: int = 400) -> tuple[float, float]:
+    """(mean, variance over mean squared) of the eigenvalues of J J^T for a distnet net at init, from a
+    config in the variance form: J = D_{L+1} W_{L+1} ... D_2 W_2, its `depth` square hidden layers,
+    at a first hidden pre-activation h^1 drawn at q* (where the theory has every layer)."""
+    cfg = build_config({"model": {"depth": depth + 1, "width": width, "activation": activation, "init": init,
+                                  "sigma_w2": sigma_w2, "sigma_b2": sigma_b2}, "seed": seed})
+    views = layer_views(make_layers(cfg.sizes), init_theta(cfg.sizes, cfg.members).double())
+    act = registry.ACTIVATIONS[activation]
+    q = meanfield.length_fixed_point(meanfield.Gauss(activation), sigma_w2, sigma_b2)[1]
+    h = torch.randn(width, 1, generator=torch.Generator().manual_seed(1000 + seed), dtype=torch.float64) * math.sqrt(q)
+    jac = torch.eye(width, dtype=torch.float64)
+    for w, b in views[1:depth + 1]:  # W_2 .. W_{L+1}, square
+        h = w[0] @ act.fn(h) + b[0]
+        jac = act.grad(h, act.fn(h)) * (w[0] @ jac)
+    jjt = jac @ jac.T
+    m1, m2 = float(torch.trace(jjt)) / width, float(jjt.pow(2).sum()) / width
+    return m1, m2 / m1**2 - 1
+
+
+@pytest.mark.parametrize("activation,sigma_w2,sigma_b2", ON_THE_CRITICAL_LINE)
+@pytest.mark.parametrize("weights,init", [("gaussian", "lecun_normal"), ("orthogonal", "orthogonal")])
+def test_jacobian_spectrum_matches_distnet_nets_at_init(activation, sigma_w2, sigma_b2, weights, init):
+    """The predicted mean and spread against distnet's own random nets, width 400, averaged over 16
+    seeds (the spread of one net is itself random, more so with depth): within 10 % at depth 8 and
+    20 % at depth 32, as the issue asks. Measured with these seeds: the spreads within 1.9 % at depth
+    8 and 3.3 % at depth 32, the means within 5.5 % and 6.7 % (with 8 seeds a mean was 8 % off)."""
+    for depth, tol in ((8, 0.10), (32, 0.20)):
+        predicted = meanfield.jacobian_spectrum(activation, sigma_w2, sigma_b2, depth, weights)
+        mean, spread = np.mean([measured_spectrum(activation, sigma_w2, sigma_b2, depth, init, s)
+                                for s in range(16)], axis=0)
+        assert mean == pytest.approx(predicted.mean, rel=tol), (depth, "mean")
+        assert spread == pytest.approx(predicted.spread, rel=tol, abs=1e-9), (depth, "spread")
+
+
 def test_variance_form_of_the_gains():
     cfg = build_config({"model": {"sizes": [784, 2000, 10], "init": "lecun_normal", "sigma_w2": 1.76,
                                   "sigma_b2": 0.05}})
@@ -111,6 +166,12 @@ def test_meanfield_command_prints_the_function_values(capsys):
                                    rtol=1e-3)
         assert cols[7] == mf.phase
     assert "order to chaos (chi_1 = 1) at sigma_w^2 = 1.7610 for sigma_b^2 = 0.05" in out
+    # --depth: the Jacobian's predicted spectrum for each sigma_w^2, both weight ensembles
+    assert cli.main(["meanfield", "--activation", "relu", "--sigma-w2", "1.5", "2", "--sigma-b2", "0", "--depth", "8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    spectra = [line.split() for line in out[out.index(next(l for l in out if l.startswith("the Jacobian of 8"))) + 2:]]
+    np.testing.assert_allclose([list(map(float, row)) for row in spectra], [[1.5, 0.75**8, 16, 8], [2, 1, 16, 8]],
+                               rtol=1e-3)
     with pytest.raises(SystemExit) as e:
         cli.main(["meanfield", "--sigma-w2", "-1"])
     assert e.value.code == 2
