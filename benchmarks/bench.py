@@ -32,6 +32,7 @@ from distnet import data, launch, metrics, tracking
 from distnet.config import build_config, merge, nest
 
 import bench_auth
+import bench_jacobian
 import bench_grid
 import bench_sweep
 import bench_tracking
@@ -184,6 +185,7 @@ def main() -> None:
                 24 * 3600 / statistics.median(sweeps[name]), 24 * 3600 / tune, "cells/hour", better="higher")
         rows += bench_tracking.rows(work)
         rows += bench_auth.rows(work)  # what the tracking server's login costs a request
+        rows += bench_jacobian.rows()  # what train.jacobian costs an epoch
         rows += bench_grid.rows(work)  # grid scale: per-cell cost, requests per cell, a 10,530-cell sweep
     print("\n| row | distnet | peer / baseline | unit | ratio |\n| --- | --- | --- | --- | --- |")
     for r in rows:

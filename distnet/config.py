@@ -93,6 +93,9 @@ class TrainConfig:
     # Per-layer gradient norms every step (the project's point: step tables and MLflow summaries);
     # off for runs that need only epoch metrics, and to measure what the norms cost.
     step_norms: bool = True
+    # At init and every epoch's end, the spectrum of the hidden stack's Jacobian on the first probe
+    # images (metrics.jacobian: jacobian/mean, /spread, /max): L - 1 n x n products an image.
+    jacobian: bool = False
     # GPU only: capture the whole step (gather, forward, backprop, all-reduce, norms, update) as one
     # CUDA graph and replay it, so a small net's step costs one launch instead of one per operator.
     cuda_graph: bool = False

@@ -109,6 +109,34 @@ def evaluate(model: PopulationMLP, x: torch.Tensor, y: torch.Tensor, prefix: str
     return {f"{prefix}/acc": (correct / len(x)).cpu().numpy(), f"{prefix}/loss": (loss / len(x)).cpu().numpy()}
 
 
+JACOBIAN_INPUTS = 8  # the first probe images: the spectrum is averaged over these inputs
+
+
+def jacobian(model: PopulationMLP, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """The spectrum of the hidden stack's input-output Jacobian, J = D_L W_L ... D_2 W_2 (from the
+    first hidden layer's output to the last's: the square product of Pennington et al. 2017,
+    D_l = diag phi'(z_l)), at each image of x: its squared singular values' mean, variance over mean
+    squared (`spread`) and maximum, averaged over the images, per member. In float64, one image at
+    a time ([P, n, n] each); L - 1 batched n x n products an image, so off by default
+    (`train.jacobian`). Nothing for a net with one hidden layer (no square part)."""
+    if len(model.layers) < 3:
+        return {}
+    with torch.no_grad():
+        _, hidden = model.forward(x, keep_hidden=True)
+        slopes = [model.act.grad(z, a).double() for z, a in hidden]  # [P, n, B] per hidden layer
+        weights = [w.double() for w, _ in model.params[1:-1]]  # W_2 .. W_L, [P, n, n]
+        moments = []
+        for i in range(len(x)):
+            jac = slopes[1][:, :, i, None] * weights[0]
+            for w, d in zip(weights[1:], slopes[2:]):
+                jac = d[:, :, i, None] * (w @ jac)
+            sq = torch.linalg.svdvals(jac) ** 2  # [P, n]
+            m1 = sq.mean(1)
+            moments.append(torch.stack([m1, (sq**2).mean(1) / m1**2 - 1, sq.max(1).values], 1))
+        mean, spread, peak = torch.stack(moments).mean(0).T.cpu().numpy()
+    return {"jacobian/mean": mean, "jacobian/spread": spread, "jacobian/max": peak}
+
+
 def probe(model: PopulationMLP, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
     """Nielsen's speed of learning (generate_gradient.py): the norm of each hidden layer's bias
     gradient averaged over a fixed probe set, plus each hidden layer's activation mean, std and

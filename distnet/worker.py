@@ -231,6 +231,8 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     def epoch_metrics(e: int, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = {**extra, **metrics.probe(model, probe_x, probe_y),
                   **metrics.evaluate(model, eval_x, d["eval_y"], eval_prefix)}
+        if tc.jacobian:
+            values.update(metrics.jacobian(model, probe_x[:metrics.JACOBIAN_INPUTS]))
         active = (diverged_at < 0).cpu().numpy()
         sink.log(e, values, active)
         if active.any():

@@ -191,3 +191,54 @@ def test_saturation_definitions():
     assert frac["tanh"] == [True, False, False, False, True]
     assert frac["relu"] == [True, True, True, False, False]
     assert frac["identity"] == [False] * 5
+
+
+# ------------------------------------------------------------- the Jacobian's spectrum
+def test_jacobian_spectrum_equals_autograds_of_the_hidden_stack(mnist):
+    """metrics.jacobian against torch.autograd's Jacobian of x^1 -> x^L (the hidden stack past the
+    first layer), written here from each member's own weights, at the same images: every moment of
+    every member. A member whose weights moved as well as one at init."""
+    cfg = build_config({"model": {"depth": 4, "width": 40, "activation": "tanh"},
+                        "population": [{"init": "lecun_normal", "seed": 0}, {"init": "orthogonal", "seed": 1}]})
+    model = PopulationMLP(cfg.sizes, "tanh", "softmax_ce", init_theta(cfg.sizes, cfg.members))
+    model.theta[1] += 0.05 * torch.randn(model.theta.shape[1], generator=torch.Generator().manual_seed(0))
+    x = torch.tensor(mnist.test_x[:3], dtype=torch.float32) / 255.0
+    got = metrics.jacobian(model, x)
+    act = registry.ACTIVATIONS["tanh"]
+    for k in range(2):
+        (w1, b1), *square, _ = [(w[k].double(), b[k, :, 0].double()) for w, b in model.params]
+        moments = []
+        for image in x.double():
+            x1 = act.fn(w1 @ image + b1)
+
+            def stack(h):
+                for w, b in square:
+                    h = act.fn(w @ h + b)
+                return h
+
+            sq = torch.linalg.svdvals(torch.autograd.functional.jacobian(stack, x1)) ** 2
+            moments.append([sq.mean(), (sq**2).mean() / sq.mean() ** 2 - 1, sq.max()])
+        want = np.mean(np.array(moments, dtype=float), axis=0)
+        # rtol 1e-6: the slopes come from the model's own float32 forward pass, the products are float64
+        np.testing.assert_allclose([got[f"jacobian/{m}"][k] for m in ("mean", "spread", "max")], want, rtol=1e-6)
+    assert metrics.jacobian(PopulationMLP([784, 40, 10], "tanh", "softmax_ce",
+                                          init_theta([784, 40, 10], cfg.members)), x) == {}  # no square part
+
+
+def test_worker_logs_the_jacobian_spectrum_at_init_and_each_epoch_only_when_asked(mnist):
+    raw = {"model": {"depth": 3, "width": 30, "activation": "tanh"}, "seed": 2, "ray": {"num_workers": 1},
+           "train": {"epochs": 2, "probe_size": 50}, "data": {"train_limit": 640, "eval_limit": 100}}
+    arrays = data.select(mnist, "test", 640, 100)
+    sinks = {}
+    for on in (False, True):
+        cfg = build_config({**raw, "train": {**raw["train"], "jacobian": on}})
+        sinks[on] = RecordingSink()
+        out = worker.train(cfg, arrays, worker.WorkerEnv(), sinks[on])
+    assert not any(k.startswith("jacobian/") for _, v in sinks[False].logged for k in v)
+    assert [s for s, _ in sinks[True].series("jacobian/spread")] == [0, 1, 2]  # init and each epoch's end
+    at_init = metrics.jacobian(PopulationMLP(cfg.sizes, "tanh", "softmax_ce", init_theta(cfg.sizes, cfg.members)),
+                               torch.tensor(arrays["train_x"][:metrics.JACOBIAN_INPUTS], dtype=torch.float32) / 255.0)
+    at_end = metrics.jacobian(PopulationMLP(cfg.sizes, "tanh", "softmax_ce", out["theta"].clone()),
+                              torch.tensor(arrays["train_x"][:metrics.JACOBIAN_INPUTS], dtype=torch.float32) / 255.0)
+    for (step, logged), want in zip(sinks[True].series("jacobian/mean")[::2], (at_init, at_end)):
+        np.testing.assert_allclose(logged, want["jacobian/mean"], rtol=1e-6, err_msg=str(step))
