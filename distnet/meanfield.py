@@ -93,6 +93,11 @@ class Gauss:
         a2, d2 = self.phi(s * (c * z1 + math.sqrt(max(0.0, 1 - c * c)) * z2))
         return a1, d1, a2, d2
 
+    def slope_moments(self, q: float) -> tuple[float, float]:
+        """E[phi'(h)^2] and E[phi'(h)^4] for h ~ N(0, q)."""
+        _, d = self.phi(math.sqrt(q) * self.z)
+        return float(self.w @ d**2), float(self.w @ d**4)
+
     def mean2(self, f: np.ndarray) -> float:
         return float(self.w @ f @ self.w)
 
@@ -133,8 +138,7 @@ def mean_field(activation: str, sigma_w2: float, sigma_b2: float, nodes: int = N
         raise ValueError(f"need sigma_w^2 > 0 and sigma_b^2 >= 0, got {sigma_w2}, {sigma_b2}")
     g = Gauss(activation, nodes)
     q_star, q = length_fixed_point(g, sigma_w2, sigma_b2)
-    _, d = g.phi(math.sqrt(q) * g.z)
-    chi_1 = sigma_w2 * float(g.w @ d**2)
+    chi_1 = sigma_w2 * g.slope_moments(q)[0]
     c_star = 1.0
     if chi_1 > 1:
         # c = 1 is unstable: the stable c* < 1 is the root of c_map(c) - c below 1 (the map is
@@ -166,8 +170,6 @@ class Spectrum:
     Jacobian J = D_L W_L ... D_1 W_1 (L square layers, D_l = diag phi'(h^l), every h^l at q*): their
     mean, and their variance over the mean squared."""
 
-    depth: int
-    weights: str
     mean: float
     spread: float
 
@@ -184,9 +186,8 @@ def jacobian_spectrum(activation: str, sigma_w2: float, sigma_b2: float, depth: 
         raise ValueError(f"weights {weights!r}: allowed {', '.join(WEIGHT_SPREAD)}")
     g = Gauss(activation)
     _, q = length_fixed_point(g, sigma_w2, sigma_b2)  # q*, or where the map left its bounds (as mean_field)
-    _, d = g.phi(math.sqrt(q) * g.z)
-    mu1, mu2 = float(g.w @ d**2), float(g.w @ d**4)
-    return Spectrum(depth, weights, (sigma_w2 * mu1) ** depth, depth * (mu2 / mu1**2 - 1 + WEIGHT_SPREAD[weights]))
+    mu1, mu2 = g.slope_moments(q)
+    return Spectrum((sigma_w2 * mu1) ** depth, depth * (mu2 / mu1**2 - 1 + WEIGHT_SPREAD[weights]))
 
 
 def table(rows: list[MeanField]) -> str:

@@ -123,12 +123,12 @@ def jacobian(model: PopulationMLP, x: torch.Tensor) -> dict[str, np.ndarray]:
         return {}
     with torch.no_grad():
         _, hidden = model.forward(x, keep_hidden=True)
-        slopes = [model.act.grad(z, a).double() for z, a in hidden]  # [P, n, B] per hidden layer
+        slopes = [model.act.grad(z, a).double() for z, a in hidden[1:]]  # D_2 .. D_L, [P, n, B] each
         weights = [w.double() for w, _ in model.params[1:-1]]  # W_2 .. W_L, [P, n, n]
         moments = []
         for i in range(len(x)):
-            jac = slopes[1][:, :, i, None] * weights[0]
-            for w, d in zip(weights[1:], slopes[2:]):
+            jac = slopes[0][:, :, i, None] * weights[0]
+            for w, d in zip(weights[1:], slopes[1:]):
                 jac = d[:, :, i, None] * (w @ jac)
             sq = torch.linalg.svdvals(jac) ** 2  # [P, n]
             m1 = sq.mean(1)
