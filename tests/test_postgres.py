@@ -14,8 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 import records
-from conftest import RecordingSink, free_port
+from conftest import RecordingSink, free_port, http_status
 from distnet import cli, data, launch, metrics, steptable, sweep, tracking, worker
 from distnet.config import config_hash, flatten
 
@@ -237,16 +235,9 @@ def test_the_server_answers_only_its_login_and_its_own_host_names(postgres_mlflo
     port = uri.rsplit(":", 1)[1]
 
     def status(login: tuple[str, str] | None, host: str | None = None) -> int:
-        request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
-        if login:
-            request.add_header("Authorization", "Basic " + base64.b64encode(":".join(login).encode()).decode())
-        if host:
-            request.add_header("Host", host)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
+        headers = {"Authorization": "Basic " + base64.b64encode(":".join(login).encode()).decode()} if login else {}
+        return http_status(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1",
+                           {**headers, **({"Host": host} if host else {})})
 
     assert status(None) == 401
     assert status((user, password + "x")) == 401

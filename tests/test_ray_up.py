@@ -20,8 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import hosts
+from conftest import http_status
 from distnet import steptable, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,24 +113,7 @@ def launcher(*args: str, cwd: Path, env: dict, timeout: float = 600) -> subproce
 
 def ray_processes(host: hosts.Host) -> list[str]:
     """The command lines of the host's Ray processes (its raylet, GCS, workers)."""
-    found = []
-    for pid in host.pids():
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if re.search(r"raylet|gcs_server|ray::", cmd):
-            found.append(cmd)
-    return found
-
-
-def dashboard_status(url: str, token: str | None = None) -> int:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as e:
-        return e.code
+    return [cmd for cmd in host.command_lines() if re.search(r"raylet|gcs_server|ray::", cmd)]
 
 
 def test_ray_up_submit_down_on_two_hosts(ssh_hosts, tmp_path, monkeypatch):
@@ -179,7 +161,8 @@ grid: {model.depth: [1, 2], seed: [0, 1]}
         time.sleep(3)
     both_s = time.time() - started
     jobs = f"http://{head.address}:8265/api/jobs/"
-    assert (dashboard_status(jobs), dashboard_status(jobs, "0" * 32), dashboard_status(jobs, token)) == (401, 403, 200)
+    assert [http_status(jobs, {"Authorization": f"Bearer {t}"} if t else {}) for t in (None, "0" * 32, token)] == [
+        401, 403, 200]
 
     started = time.time()
     out = launcher("submit", str(cluster), "cluster/submit_entry.py", "sweep", "configs/up_sweep.yaml", cwd=work,
