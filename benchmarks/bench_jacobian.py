@@ -28,7 +28,7 @@ NETS = {"[784, 100 x 5, 10] tanh, 1 member": {"model": {"depth": 5, "width": 100
 
 
 def epoch_seconds(raw: dict, arrays: dict, repeat: int) -> float:
-    cfg = build_config({**raw, "ray": {"num_workers": 1}, "train": {"epochs": 1, "step_norms": True}})
+    cfg = build_config({**raw, "ray": {"num_workers": 1}, "train": {"epochs": 1}})
     times = []
     for _ in range(repeat):
         start = time.perf_counter()

@@ -60,19 +60,21 @@ if ! as_pg "$pgbin/pg_ctl" -D "$state/pg" status >/dev/null 2>&1; then
   as_pg "$pgbin/pg_ctl" -D "$state/pg" -l "$state/pg/server.log" -w \
     -o "-p $pg_port -k $state/pg -c listen_addresses=127.0.0.1 -c max_connections=$max_connections" start >/dev/null
 fi
-for db in mlflow mlflow_auth; do
+# Creates database $1 unless it is there; says whether it did (status 0).
+create_db() {
   as_pg "$pgbin/psql" -h 127.0.0.1 -p "$pg_port" -U mlflow -d postgres -tAc \
-    "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 ||
-    as_pg "$pgbin/createdb" -h 127.0.0.1 -p "$pg_port" -U mlflow "$db"
-done
+    "SELECT 1 FROM pg_database WHERE datname = '$1'" | grep -q 1 && return 1
+  as_pg "$pgbin/createdb" -h 127.0.0.1 -p "$pg_port" -U mlflow "$1" || { echo "mlflow_server.sh: createdb $1 failed" >&2; exit 1; }
+}
+create_db mlflow || true
 
 auth=${MLFLOW_AUTH:-basic}
 if [ "$auth" = basic ]; then
+  if create_db mlflow_auth; then fresh_users=1; else fresh_users=; fi
   if [ ! -f "$state/credentials" ]; then
     # MLflow makes the admin from this password once, while its user store is empty: with the file
-    # lost and the users kept, a new password would not be taken. Say so instead.
-    if as_pg "$pgbin/psql" -h 127.0.0.1 -p "$pg_port" -U mlflow -d mlflow_auth -tAc \
-        "SELECT 1 FROM information_schema.tables WHERE table_name = 'users'" | grep -q 1; then
+    # lost and the user store kept, a new password would not be taken. Say so instead.
+    if [ -z "$fresh_users" ]; then
       echo "mlflow_server.sh: $state/credentials is gone but the user store (database mlflow_auth) is not:" \
            "restore the file, or drop that database to make a new admin" >&2
       exit 1

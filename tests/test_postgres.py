@@ -35,6 +35,7 @@ SCRIPT = ROOT / "cluster" / "mlflow_server.sh"
 class Server:
     uri: str
     state: Path  # the script's STATE_DIR
+    env: dict  # the script's environment (ports)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def postgres_mlflow():
         with pytest.MonkeyPatch.context() as mp:
             for key, value in tracking.Login.from_file(state / "credentials").environ().items():
                 mp.setenv(key, value)
-            yield Server(uri, state)
+            yield Server(uri, state, env)
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop", str(state)], env=env, timeout=120)
         shutil.rmtree(state, ignore_errors=True)
@@ -270,3 +271,24 @@ def test_a_driver_without_the_login_stops_before_anything_starts(postgres_mlflow
     assert "credentials" in proc.stderr
     assert not login or login[1] not in proc.stdout + proc.stderr
     assert MlflowClient(postgres_mlflow.uri).get_experiment_by_name("nologin") is None
+
+
+def test_a_lost_credentials_file_stops_the_server_from_starting_with_a_new_password(postgres_mlflow):
+    """The admin exists in the user store from the first start on: with STATE_DIR/credentials gone
+    and the store kept, the script refuses to start (a new password would not be taken) and says
+    what to do; with the file back, the server starts and takes the same login."""
+    server, credentials = postgres_mlflow, postgres_mlflow.state / "credentials"
+    kept = credentials.read_bytes()
+    subprocess.run(["bash", str(SCRIPT), "stop", str(server.state)], env=server.env, check=True, timeout=120)
+    credentials.unlink()
+    try:
+        proc = subprocess.run(["bash", str(SCRIPT), "start", str(server.state)], env=server.env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 1 and "credentials is gone but the user store (database mlflow_auth) is not" in proc.stderr
+        assert not credentials.exists()
+    finally:
+        credentials.write_bytes(kept)
+        credentials.chmod(0o600)
+        subprocess.run(["bash", str(SCRIPT), "start", str(server.state)], env=server.env, check=True, timeout=120)
+        tracking.wait_for_server(server.uri, log=server.state / "mlflow.log")
+    assert MlflowClient(server.uri).search_experiments(max_results=1) is not None  # the login of the first start
