@@ -74,8 +74,8 @@ def main() -> None:
     diverged_at, loss_sum = torch.full((P,), -1), torch.zeros(P)
     xb_u8, xb, yb = x.new_empty(B, x.shape[1]), torch.empty(B, x.shape[1]), y.new_empty(B)
     S = model.n_segments
-    record, buf, idx_buf = torch.zeros(P, S + 1), torch.zeros(50, P, S + 1), torch.zeros(B, dtype=torch.long)
-    norms, loss = record[:, :S], record[:, S]
+    record, buf, idx_buf = torch.zeros(P, S + 2), torch.zeros(50, P, S + 2), torch.zeros(B, dtype=torch.long)
+    norms, loss, acc = record[:, :S], record[:, S], record[:, S + 1]
     steps = len(x) // B
     batches = data.epoch_batches(len(x), B, 1, 0, 0, 1)
 
@@ -94,7 +94,7 @@ def main() -> None:
     phases = {
         "gather batch (uint8 -> float)": lambda idx: worker.pixels(torch.index_select(x, 0, idx, out=xb_u8), 255.0, out=xb),
         "gather labels": lambda idx: torch.index_select(y, 0, idx, out=yb),
-        "forward + loss + backprop": lambda idx: loss.copy_(model.loss_and_grad(xb, yb)),
+        "forward + loss + backprop": lambda idx: loss.copy_(model.loss_and_grad(xb, yb, acc)),
         "gradient norms (2L segments)": lambda idx: norms.copy_(model.segment_norms(model.grad)),
         "divergence check and loss sum": divergence_check,
         "SGD update": lambda idx: opt.step(model.grad, alive),

@@ -2,7 +2,7 @@
 
 When rank 0 closes a job's runs it also writes, to the sweep's parent run, one Parquet part under
 `cells/`: every metric value it wrote to each of the job's runs, and their step tables' weight-
-gradient-norm columns (what the report draws). So a sweep of any size is read back in a listing of
+gradient-norm and batch-accuracy columns (what the report draws). So a sweep of any size is read back in a listing of
 its cells and one download of `cells/`. A job that resumed after a restart writes no part (its rank 0
 did not see the whole training): the report reads those cells run by run.
 
@@ -23,7 +23,8 @@ from mlflow.tracking import MlflowClient
 
 ARTIFACT_DIR = "cells"
 STEP_PREFIX = "step_metrics/"
-STEP_COLUMNS = "grad_norm/w/"  # the step-table columns kept: the report's per-step figures draw these
+# The step-table columns kept (prefixes): what the report's per-step figures and tables draw.
+STEP_COLUMNS = ("grad_norm/w/", "train/batch_acc")
 # A cell as read back: its run id and {key: (steps, values)}.
 Record = tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]
 
@@ -44,7 +45,7 @@ class Collector:
             self.values[k].append(np.array([r[1] for r in rows], dtype=np.float64))
 
     def step_rows(self, k: int, steps: np.ndarray, columns: dict[str, np.ndarray]) -> None:
-        """Step-table rows written to member k's run: its weight-gradient-norm columns."""
+        """Step-table rows written to member k's run: its STEP_COLUMNS."""
         for name, v in columns.items():
             if name.startswith(STEP_COLUMNS):
                 self.keys[k] += [STEP_PREFIX + name] * len(steps)

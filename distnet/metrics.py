@@ -16,6 +16,7 @@ EVAL_CHUNK = 2000  # bounds the [P, chunk, width] activations of a large populat
 
 
 BATCH_LOSS = "train/batch_loss"  # the global batch's loss at one step (train/loss: the epoch's mean)
+BATCH_ACC = "train/batch_acc"  # the fraction of the global batch classified right, before that step's update
 
 
 def grad_norm_names(n_layers: int) -> list[str]:
@@ -24,10 +25,10 @@ def grad_norm_names(n_layers: int) -> list[str]:
 
 
 def step_names(n_layers: int) -> list[str]:
-    """The per-step series: every layer's gradient norms, then the batch loss. Their step tables
-    hold every step; MLflow holds each one's interval mean under this name and its max under
+    """The per-step series: every layer's gradient norms, then the batch loss and accuracy. Their
+    step tables hold every step; MLflow holds each one's interval mean under this name and its max under
     max_name(name)."""
-    return grad_norm_names(n_layers) + [BATCH_LOSS]
+    return grad_norm_names(n_layers) + [BATCH_LOSS, BATCH_ACC]
 
 
 def max_name(name: str) -> str:
@@ -110,13 +111,22 @@ def evaluate(model: PopulationMLP, x: torch.Tensor, y: torch.Tensor, prefix: str
 
 
 JACOBIAN_INPUTS = 8  # the first probe images: the spectrum is averaged over these inputs
+# The spectrum itself, as quantiles of the squared singular values of all those images together
+# (`jacobian/q00` the smallest, `jacobian/q50` the median, `jacobian/q100` the largest): an
+# equal-mass histogram that `distnet report` draws as the spectrum's distribution function.
+JACOBIAN_QUANTILES = (0, 1, 5, 10, 25, 50, 75, 90, 95, 99, 100)
+
+
+def quantile_name(pct: int) -> str:
+    return f"jacobian/q{pct:02d}"
 
 
 def jacobian(model: PopulationMLP, x: torch.Tensor) -> dict[str, np.ndarray]:
     """The spectrum of the hidden stack's input-output Jacobian, J = D_L W_L ... D_2 W_2 (from the
     first hidden layer's output to the last's: the square product of Pennington et al. 2017,
     D_l = diag phi'(z_l)), at each image of x: its squared singular values' mean, variance over mean
-    squared (`spread`) and maximum, averaged over the images, per member. In float64, one image at
+    squared (`spread`) and maximum, averaged over the images, and the JACOBIAN_QUANTILES of all the
+    images' squared singular values together, per member. In float64, one image at
     a time ([P, n, n] each); L - 1 batched n x n products an image, so off by default
     (`train.jacobian`). Nothing for a net with one hidden layer (no square part)."""
     if len(model.layers) < 3:
@@ -125,7 +135,7 @@ def jacobian(model: PopulationMLP, x: torch.Tensor) -> dict[str, np.ndarray]:
         _, hidden = model.forward(x, keep_hidden=True)
         slopes = [model.act.grad(z, a).double() for z, a in hidden[1:]]  # D_2 .. D_L, [P, n, B] each
         weights = [w.double() for w, _ in model.params[1:-1]]  # W_2 .. W_L, [P, n, n]
-        moments = []
+        moments, spectra = [], []
         for i in range(len(x)):
             jac = slopes[0][:, :, i, None] * weights[0]
             for w, d in zip(weights[1:], slopes[1:]):
@@ -133,8 +143,12 @@ def jacobian(model: PopulationMLP, x: torch.Tensor) -> dict[str, np.ndarray]:
             sq = torch.linalg.svdvals(jac) ** 2  # [P, n]
             m1 = sq.mean(1)
             moments.append(torch.stack([m1, (sq**2).mean(1) / m1**2 - 1, sq.max(1).values], 1))
+            spectra.append(sq)
         mean, spread, peak = torch.stack(moments).mean(0).T.cpu().numpy()
-    return {"jacobian/mean": mean, "jacobian/spread": spread, "jacobian/max": peak}
+        levels = torch.tensor(JACOBIAN_QUANTILES, dtype=torch.float64, device=x.device) / 100
+        quantiles = torch.quantile(torch.cat(spectra, 1), levels, dim=1).cpu().numpy()  # [Q, P]
+    return {"jacobian/mean": mean, "jacobian/spread": spread, "jacobian/max": peak,
+            **{quantile_name(pct): q for pct, q in zip(JACOBIAN_QUANTILES, quantiles)}}
 
 
 def probe(model: PopulationMLP, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:

@@ -126,8 +126,10 @@ class PopulationMLP:
         """Per-member mean loss [P] on one batch."""
         return self.loss_fn(self.forward(x), y)
 
-    def loss_and_grad(self, x: Tensor, y: Tensor) -> Tensor:
-        """Per-member mean loss [P] on one batch; writes d loss_k / d theta_k into self.grad.
+    def loss_and_grad(self, x: Tensor, y: Tensor, acc: Tensor | None = None) -> Tensor:
+        """Per-member mean loss [P] on one batch; writes d loss_k / d theta_k into self.grad, and
+        each member's fraction of the batch classified right into `acc` [P] if given (a free
+        by-product of the forward pass: the loop's per-step training accuracy).
 
         Backprop as in Nielsen ch. 2: delta_L = dC/dz_L, then for each layer from the top
         dW = delta a_in^T, db = delta summed over the batch, delta_in = (W^T delta) * act'(z_in).
@@ -135,6 +137,8 @@ class PopulationMLP:
         """
         z, hidden = self.forward(x, keep_hidden=True)
         loss, delta = self.loss_value_and_grad(z, y)
+        if acc is not None:
+            acc.copy_((z.argmax(-1) == y).sum(-1)).div_(len(y))
         delta = delta.transpose(1, 2)  # [P, n_out, B], feature-major like z
         inputs = [x] + [a.transpose(1, 2) for _, a in hidden]  # [B, n_in] or [P, B, n_in]
         for l in range(len(self.layers) - 1, -1, -1):

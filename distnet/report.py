@@ -42,7 +42,7 @@ from matplotlib.collections import QuadMesh  # noqa: E402
 import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from distnet import cellrecords, meanfield, registry, steptable, tracking  # noqa: E402
+from distnet import cellrecords, isometry, meanfield, metrics, registry, steptable, tracking  # noqa: E402
 
 
 class ReportError(ValueError):
@@ -61,10 +61,11 @@ class Run:
     status: str
     acc: float  # final test (or validation) accuracy; nan if never evaluated
     series: dict[str, dict[int, float]] = field(default_factory=dict)  # metric -> {epoch: value}
-    steps: dict[str, np.ndarray] = field(default_factory=dict)  # its step table's weight-norm columns
+    steps: dict[str, np.ndarray] = field(default_factory=dict)  # its step table's STEP_COLUMNS
     variant: str = ""  # the other settings that vary between the runs, e.g. "train.batch_size=10"
     sigma_w2: float = 1.0  # the weight gain squared and the bias variance (the scheme's when not set)
     sigma_b2: float = 0.0
+    case: str = ""  # its sweep's case (sweep.py's `cases`), if any
 
     @property
     def group(self) -> tuple[str, str]:
@@ -134,21 +135,24 @@ def _variances(params: dict) -> tuple[float, float]:
 
 
 LAYER_SERIES = ("speed", "act/saturated", "act/mean", "act/std")  # epoch series per hidden layer
-# A cell's records that the report reads: its epoch series and the step tables' weight-gradient norms.
-RECORD_PREFIXES = tuple(f"{s}/layer_" for s in LAYER_SERIES) + ("test/acc", "val/acc",
-                                                                 cellrecords.STEP_PREFIX + cellrecords.STEP_COLUMNS)
+# A cell's records that the report reads: its epoch series and its step table's STEP_COLUMNS.
+RECORD_PREFIXES = (tuple(f"{s}/layer_" for s in LAYER_SERIES) + ("test/acc", "val/acc", "jacobian/")
+                   + tuple(cellrecords.STEP_PREFIX + c for c in cellrecords.STEP_COLUMNS))
 
 
 def _listed(r, variant: str) -> tuple[Run, list[str]]:
     """A listed run's cell, from its tags, params and latest metrics, and the series keys to read."""
-    tags, metrics = r.data.tags, r.data.metrics
+    tags, latest = r.data.tags, r.data.metrics
     depth = int(tags["depth"])
-    acc_key = "test/acc" if "test/acc" in metrics else "val/acc"
+    acc_key = "test/acc" if "test/acc" in latest else "val/acc"
     run = Run(r.info.run_id, tags["activation"], tags["init"], depth, int(tags["seed"]),
-              tags.get("distnet.status") or r.info.status.lower(), metrics.get(acc_key, math.nan), variant=variant)
+              tags.get("distnet.status") or r.info.status.lower(), latest.get(acc_key, math.nan), variant=variant,
+              case=tags.get("case", ""))
     if "model.init" in r.data.params:
         run.sigma_w2, run.sigma_b2 = _variances(r.data.params)
     keys = [f"{s}/layer_{l}" for l in range(1, depth + 1) for s in LAYER_SERIES] + [acc_key]
+    if "jacobian/spread" in latest:  # trained with train.jacobian
+        keys += [f"jacobian/{m}" for m in isometry.MOMENTS] + [metrics.quantile_name(p) for p in metrics.JACOBIAN_QUANTILES]
     return run, keys
 
 
@@ -171,7 +175,7 @@ def _from_run(client: MlflowClient, run: Run, keys: list[str]) -> Run:
         run.series[key] = {m.step: tracking.unstored(m.value)
                            for m in client.get_metric_history(run.run_id, key)}
     table = steptable.read(client, run.run_id)
-    run.steps = {k: v for k, v in table.items() if k == "step" or k.startswith("grad_norm/w/")}
+    run.steps = {k: v for k, v in table.items() if k == "step" or k.startswith(cellrecords.STEP_COLUMNS)}
     return run
 
 
@@ -564,7 +568,8 @@ def drawn_groups(runs: list[Run], limit: int | None) -> list[tuple[str, str]]:
     return [groups[i] for i in np.linspace(0, len(groups) - 1, limit).round().astype(int)]
 
 
-def figures(runs: list[Run], groups: list[tuple[str, str]], maps: list[TrainabilityMap], eval_name: str):
+def figures(runs: list[Run], groups: list[tuple[str, str]], maps: list[TrainabilityMap], arms: list[isometry.Arm],
+            eval_name: str):
     """(file name, figure) of each figure, one at a time: the per-group ones for `groups` only."""
     drawn = set(groups)
     shown = [r for r in runs if r.group in drawn]
@@ -593,6 +598,8 @@ def figures(runs: list[Run], groups: list[tuple[str, str]], maps: list[Trainabil
         depth, profile = init_grad_profile(m)
         if profile:
             yield f"meanfield_grad_profile_{name}.png", grad_profile_figure(m, depth, profile)
+    if arms:
+        yield from isometry.figures(arms)
 
 
 def write_report(runs: list[Run], out: Path, title: str, group_figures: int | None = GROUP_FIGURES) -> dict[str, dict]:
@@ -600,9 +607,9 @@ def write_report(runs: list[Run], out: Path, title: str, group_figures: int | No
     into `out`; returns the manifest {file: figure_counts}."""
     out.mkdir(parents=True, exist_ok=True)
     eval_name = "test" if any("test/acc" in r.series for r in runs) else "validation"
-    groups, maps = drawn_groups(runs, group_figures), trainability_maps(runs)
+    groups, maps, arms = drawn_groups(runs, group_figures), trainability_maps(runs), isometry.arms(runs)
     manifest = {}
-    for name, fig in figures(runs, groups, maps, eval_name):  # each saved and closed before the next is made
+    for name, fig in figures(runs, groups, maps, arms, eval_name):  # each saved and closed before the next is made
         manifest[name] = figure_counts(fig)
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
@@ -628,6 +635,8 @@ def write_report(runs: list[Run], out: Path, title: str, group_figures: int | No
                          f"{r['ratio']:.3g} |")
     for m in maps:
         lines += trainability_lines(m)
+    if arms:
+        lines += isometry.lines(arms, eval_name)
     lines += ["", "## Figures", ""] + capped_lines(runs, groups) + [f"![{name}]({name})" for name in manifest]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return manifest

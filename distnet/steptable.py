@@ -3,7 +3,7 @@
 MLflow's metric store holds interval summaries sized for its UI (metrics.IntervalStats); the full
 resolution lives here: per member run, one Parquet part per flush (the steps between two
 checkpoints), with a `step` column and one float32 column per series, named as the MLflow keys
-(`grad_norm/w/layer_1`, ..., `train/batch_loss`). The values are the float32 numbers the loop
+(`grad_norm/w/layer_1`, ..., `train/batch_loss`, `train/batch_acc`). The values are the float32 numbers the loop
 computed, bit for bit.
 
 A part is named by its first and last step. Flushes happen at checkpoints, whose steps are fixed by

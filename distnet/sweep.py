@@ -10,6 +10,16 @@ A sweep file is a run config with two more sections:
       pack: 16                  # at most this many cells per training (population)
       max_concurrent: 2         # trainings at once (default: what the cluster's resources allow)
 
+Where the settings to compare are not a product (tanh at two bias variances, each with its own
+critical weight variance; relu with He's), `cases` names each combination, and the grid's `case`
+axis runs over them (so `case` is a tag, a summary axis and a `distnet ui --group-by` like any):
+
+    cases:
+      tanh_critical: {model.activation: tanh, model.sigma_w2: 1.761, model.sigma_b2: 0.05}
+      relu_he: {model.activation: relu, model.init: he_normal}
+    grid:
+      model.depth: [8, 16]
+
 A cell is one member's training and one MLflow run. Its id is a hash of its resolved config
 (less name, ray and mlflow: they do not change what is trained), so a re-run recognises it. Cells
 that differ only in member settings (init, gain, seed, lr) share a training: one population.
@@ -65,6 +75,32 @@ def identity(cfg: Config) -> dict:
     return d
 
 
+CASE_AXIS = "case"
+
+
+def _cases(raw_cases: Any, grid: dict[str, list]) -> dict[str, dict]:
+    """`cases` as {name: nested settings}, checked: named mappings of config keys that no grid
+    axis sets too, and no population (a cell is one member)."""
+    if raw_cases is None:
+        return {}
+    if not isinstance(raw_cases, dict) or not raw_cases:
+        raise ConfigError("cases", raw_cases, "must be a non-empty mapping of case name -> {dotted.key: value}")
+    if CASE_AXIS in grid:
+        raise ConfigError(f"grid.{CASE_AXIS}", grid[CASE_AXIS], "is the axis the cases make: name them under cases")
+    out = {}
+    for name, settings in raw_cases.items():
+        if not isinstance(settings, dict) or not settings:
+            raise ConfigError(f"cases.{name}", settings, "must be a non-empty mapping of {dotted.key: value}")
+        flat = C.flatten(settings)
+        for key in flat:
+            if key in grid or key == "population":
+                raise ConfigError(f"cases.{name}.{key}", flat[key],
+                                  "is also a grid axis: set it in one place" if key in grid
+                                  else "a sweep's cells are single members: use grid axes or cases")
+        out[str(name)] = C.nest(flat)
+    return out
+
+
 def build_sweep(raw: dict) -> Sweep:
     raw = dict(raw)
     grid = C.flatten(raw.pop("grid", None) or {})
@@ -73,14 +109,19 @@ def build_sweep(raw: dict) -> Sweep:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid.{key}", values, "must be a non-empty list of values")
+    cases = _cases(raw.pop("cases", None), grid)
     settings = C.build_dataclass(SweepSettings, raw.pop("sweep", None) or {}, "sweep.")
     if raw.get("population"):
         raise ConfigError("population", raw["population"], "a sweep's cells are single members: use grid axes")
+    identity_of = {"grid": grid} | ({"cases": cases} if cases else {})  # (a sweep without cases: as before them)
+    if cases:
+        grid = {CASE_AXIS: list(cases), **grid}
     cells, seen = [], {}
     for combo in itertools.product(*grid.values()):
         axes = dict(zip(grid, combo))
         try:
-            cfg = C.build_config(C.merge(raw, C.nest(axes)))
+            base = C.merge(raw, cases[axes[CASE_AXIS]]) if cases else raw
+            cfg = C.build_config(C.merge(base, C.nest({k: v for k, v in axes.items() if k != CASE_AXIS})))
         except ConfigError as e:
             raise ConfigError(e.field, e.value, f"{e.allowed} (in grid cell {axes})") from None
         cell = Cell(C.config_hash(identity(cfg)), axes, cfg)
@@ -89,7 +130,7 @@ def build_sweep(raw: dict) -> Sweep:
         seen[cell.id] = axes
         cells.append(cell)
     name = cells[0].config.name
-    sweep_id = C.config_hash({"base": {k: v for k, v in raw.items() if k not in ("ray", "mlflow")}, "grid": grid})
+    sweep_id = C.config_hash({"base": {k: v for k, v in raw.items() if k not in ("ray", "mlflow")}, **identity_of})
     return Sweep(name, sweep_id, grid, settings, cells)
 
 

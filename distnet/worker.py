@@ -152,15 +152,16 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     steps_per_epoch = n_train // tc.batch_size
     total_steps = min(tc.epochs * steps_per_epoch, tc.max_steps or tc.epochs * steps_per_epoch)
 
-    # Per-step records stay on the device: [log_every, P, 2L norms] and [log_every, P] local batch
-    # losses, brought to the host once per log interval so the hot path never waits on a host sync.
+    # Per-step records stay on the device: [log_every, P, 2L norms] and [log_every, P, 2] local batch
+    # losses and accuracies, brought to the host once per log interval so the hot path never waits
+    # on a host sync.
     P, S = model.population, model.n_segments
     norm_buf = torch.empty(tc.log_every, P, S, device=env.device)
-    loss_buf = torch.empty(tc.log_every, P, device=env.device)
+    batch_buf = torch.empty(tc.log_every, P, 2, device=env.device)
     pending: list[int] = []  # global steps whose rows in the buffers are not yet on the host
     # Rank 0 reduces the per-step series to interval means and maxima for MLflow, on the device.
     summary = metrics.IntervalStats(metrics.interval(total_steps, tc.metric_points),
-                                    torch.empty(P, S + 1, device=env.device)) if sink and names else None
+                                    torch.empty(P, S + 2, device=env.device)) if sink and names else None
     grad_mean, all_reduce = collective.gradient_mean(model.grad, cfg.ray.all_reduce)
     # A member diverges at the first step whose all-reduced gradient has a non-finite norm (the same
     # on every rank); it is frozen there and the others go on.
@@ -177,13 +178,14 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     idx = torch.zeros(local_batch, dtype=torch.long, device=env.device)
     xb_u8, yb = x.new_empty(local_batch, x.shape[1]), y.new_empty(local_batch)
     xb = eval_x.new_empty(local_batch, x.shape[1])
-    norms, loss = torch.zeros(P, S, device=env.device), torch.zeros(P, device=env.device)  # this step's
+    norms, batch = torch.zeros(P, S, device=env.device), torch.zeros(P, 2, device=env.device)  # this step's
+    loss, acc = batch[:, 0], batch[:, 1]
     newly_diverged = torch.zeros(P, dtype=torch.bool, device=env.device)
 
     def train_step() -> None:
         pixels(torch.index_select(x, 0, idx, out=xb_u8), scale, out=xb)
         torch.index_select(y, 0, idx, out=yb)
-        loss.copy_(model.loss_and_grad(xb, yb))
+        loss.copy_(model.loss_and_grad(xb, yb, acc))
         grad = grad_mean(model.grad)
         if tc.step_norms:
             norms.copy_(model.segment_norms(grad))
@@ -204,12 +206,13 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
         if not pending:
             return
         n = len(pending)
-        losses = collective.torch_mean(loss_buf[:n])  # [n, P]: each step's global batch loss
-        loss_sum.add_(losses.sum(0))
+        # [n, P, 2]: each step's global batch loss and accuracy (equal local batches: the ranks' mean)
+        global_batch = collective.torch_mean(batch_buf[:n])
+        loss_sum.add_(global_batch[:, :, 0].sum(0))
         if sink is not None:
             div = diverged_at.cpu().numpy()
             if names:
-                rows = torch.cat([norm_buf[:n], losses.unsqueeze(2)], 2)  # [n, P, S + 1]
+                rows = torch.cat([norm_buf[:n], global_batch], 2)  # [n, P, S + 2]
                 steps = torch.arange(pending[0], pending[0] + n, device=env.device).unsqueeze(1)
                 active = (diverged_at < 0) | (steps <= diverged_at)  # a diverged member's rows end at its divergence
                 done = summary.add(pending[0], rows, active)
@@ -217,7 +220,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
                 sink.log_steps(pending, {name: host[:, :, j] for j, name in enumerate(names)},
                                (div < 0) | (np.array(pending)[:, None] <= div))
                 log_intervals(done, div)
-            last_loss = host[-1, :, S] if names else losses[-1].cpu().numpy()
+            last_loss = host[-1, :, S] if names else global_batch[-1, :, 0].cpu().numpy()
             sink.progress({"step": pending[-1] + 1, "total_steps": total_steps, "loss": float(np.nanmean(last_loss))})
         pending.clear()
 
@@ -283,7 +286,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
             run_step()
             diverged_at.masked_fill_(newly_diverged, step)
             norm_buf[len(pending)].copy_(norms)
-            loss_buf[len(pending)].copy_(loss)
+            batch_buf[len(pending)].copy_(batch)
             pending.append(step)
             step += 1
             if len(pending) == tc.log_every:

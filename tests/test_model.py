@@ -145,6 +145,31 @@ def test_worker_logs_the_hand_backprop_norms_at_step_0(mnist):
     assert [s for s, _ in sink.series(names[0])] == [0, 1]
 
 
+def test_worker_records_every_steps_batch_loss_and_accuracy_before_its_update(mnist):
+    """train/batch_acc and train/batch_loss of every step against a replay of plain SGD that takes
+    the accuracy from the logits' argmax itself: each step's batch, scored before its update."""
+    ms = members(3)
+    cfg = build_config({"model": {"sizes": SIZES, "activation": "tanh"}, "population": [vars(m) for m in ms],
+                        "train": {"epochs": 1, "max_steps": 8, "log_every": 3}, "ray": {"num_workers": 1},
+                        "data": {"train_limit": 1280, "eval_limit": 100}})
+    arrays = data.select(mnist, "test", 1280, 100)
+    sink = RecordingSink()
+    worker.train(cfg, arrays, worker.WorkerEnv(), sink)
+    model = PopulationMLP(SIZES, "tanh", "softmax_ce", init_theta(SIZES, cfg.members))
+    lr = torch.tensor([m.lr for m in ms]).unsqueeze(1)
+    x, y = torch.tensor(arrays["train_x"]) / 255.0, torch.tensor(arrays["train_y"])
+    for step, idx in enumerate(data.epoch_batches(1280, 128, 1, 0, 0, 1)[:8]):
+        z = model.forward(x[idx]).detach().numpy()
+        acc = (z.argmax(-1) == y[idx].numpy()).mean(1)
+        loss = model.loss_and_grad(x[idx], y[idx])
+        model.theta.sub_(lr * model.grad)
+        recorded_step, row = sink.steps[step]
+        assert recorded_step == step
+        np.testing.assert_array_equal(row[metrics.BATCH_ACC], acc.astype(np.float32))
+        np.testing.assert_allclose(row[metrics.BATCH_LOSS], loss.numpy(), rtol=1e-6)
+    assert len(sink.steps) == 8 and len(set(sink.steps[0][1][metrics.BATCH_ACC])) > 1  # members differ
+
+
 # ------------------------------------------------------------- populations
 def run_loop(mnist, raw):
     cfg = build_config(raw)
@@ -207,7 +232,7 @@ def test_jacobian_spectrum_equals_autograds_of_the_hidden_stack(mnist):
     act = registry.ACTIVATIONS["tanh"]
     for k in range(2):
         (w1, b1), *square, _ = [(w[k].double(), b[k, :, 0].double()) for w, b in model.params]
-        moments = []
+        moments, spectrum = [], []
         for image in x.double():
             x1 = act.fn(w1 @ image + b1)
 
@@ -218,9 +243,13 @@ def test_jacobian_spectrum_equals_autograds_of_the_hidden_stack(mnist):
 
             sq = torch.linalg.svdvals(torch.autograd.functional.jacobian(stack, x1)) ** 2
             moments.append([sq.mean(), (sq**2).mean() / sq.mean() ** 2 - 1, sq.max()])
+            spectrum += sq.tolist()
         want = np.mean(np.array(moments, dtype=float), axis=0)
         # rtol 1e-6: the slopes come from the model's own float32 forward pass, the products are float64
         np.testing.assert_allclose([got[f"jacobian/{m}"][k] for m in ("mean", "spread", "max")], want, rtol=1e-6)
+        # the smallest singular values feel the float32 slopes most (1.4e-6 relative here)
+        np.testing.assert_allclose([got[metrics.quantile_name(p)][k] for p in metrics.JACOBIAN_QUANTILES],
+                                   np.percentile(spectrum, metrics.JACOBIAN_QUANTILES), rtol=1e-5)
     assert metrics.jacobian(PopulationMLP([784, 40, 10], "tanh", "softmax_ce",
                                           init_theta([784, 40, 10], cfg.members)), x) == {}  # no square part
 

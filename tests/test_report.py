@@ -188,8 +188,8 @@ def assert_same_runs(a: list[report.Run], b: list[report.Run]) -> None:
     """Two reads of the same runs agree on every field, series value and step-table column."""
     assert [r.run_id for r in a] == [r.run_id for r in b]
     for x, y in zip(a, b):
-        assert (x.activation, x.init, x.depth, x.seed, x.status, x.variant, x.sigma_w2, x.sigma_b2) == \
-               (y.activation, y.init, y.depth, y.seed, y.status, y.variant, y.sigma_w2, y.sigma_b2)
+        assert (x.activation, x.init, x.depth, x.seed, x.status, x.variant, x.sigma_w2, x.sigma_b2, x.case) == \
+               (y.activation, y.init, y.depth, y.seed, y.status, y.variant, y.sigma_w2, y.sigma_b2, y.case)
         assert x.acc == y.acc and x.series == y.series  # a trained cell's numbers are finite
         assert x.steps.keys() == y.steps.keys()
         for k in x.steps:

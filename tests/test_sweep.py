@@ -13,7 +13,7 @@ import yaml
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from distnet import launch, metrics, steptable, sweep
+from distnet import config, launch, metrics, steptable, sweep
 from distnet.config import ConfigError, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,8 @@ def metric_rows(uri) -> int:
 
 
 @pytest.mark.parametrize("name,cells", [("nielsen_depth", 24), ("depth_init_grid", 216), ("glorot_bengio", 6),
-                                        ("nielsen_speed_init", 30), ("nielsen_speed_training", 18), ("init_depth", 180)])
+                                        ("nielsen_speed_init", 30), ("nielsen_speed_training", 18), ("init_depth", 180),
+                                        ("isometry", 64)])
 def test_shipped_sweeps_validate(name, cells):
     sw = sweep.load_sweep(ROOT / "configs" / f"{name}.yaml")
     assert len(sw.cells) == cells and len({c.id for c in sw.cells}) == cells
@@ -45,6 +46,35 @@ def test_packing_groups_by_shape_and_activation():
     for g in groups:
         assert len({(c.config.model.depth, c.config.model.activation) for c in g}) == 1
     assert len(sweep.packs(sw.cells, 5)) == 18 * 3
+
+
+def test_cases_set_several_keys_at_once_as_one_axis():
+    raw = {"model": {"width": 30, "init": "lecun_normal"}, "grid": {"model.depth": [2, 3]},
+           "cases": {"tanh_a": {"model": {"activation": "tanh", "sigma_w2": 1.5, "sigma_b2": 0.05}},
+                     "relu_orth": {"model.activation": "relu", "model.init": "orthogonal", "model.sigma_w2": 2.0}}}
+    sw = sweep.build_sweep(raw)
+    assert sw.grid == {"case": ["tanh_a", "relu_orth"], "model.depth": [2, 3]}
+    got = [(c.axes, c.config.model.activation, c.config.model.init, c.config.model.depth, c.config.model.sigma_w,
+            c.config.model.sigma_b) for c in sw.cells]
+    assert got == [({"case": "tanh_a", "model.depth": 2}, "tanh", "lecun_normal", 2, 1.5 ** 0.5, 0.05 ** 0.5),
+                   ({"case": "tanh_a", "model.depth": 3}, "tanh", "lecun_normal", 3, 1.5 ** 0.5, 0.05 ** 0.5),
+                   ({"case": "relu_orth", "model.depth": 2}, "relu", "orthogonal", 2, 2 ** 0.5, None),
+                   ({"case": "relu_orth", "model.depth": 3}, "relu", "orthogonal", 3, 2 ** 0.5, None)]
+    assert sw.cells[2].label == "case=relu_orth,depth=2"
+    # the cases are part of the sweep's identity; a sweep without them keeps the id it had before them
+    other = sweep.build_sweep({**raw, "cases": {**raw["cases"], "tanh_a": {"model.activation": "tanh"}}})
+    assert other.id != sw.id
+    plain = {"model": {"width": 30}, "grid": {"model.depth": [2, 3]}}
+    assert sweep.build_sweep(plain).id == config.config_hash({"base": {"model": {"width": 30}},
+                                                               "grid": {"model.depth": [2, 3]}})
+    for bad, field in [({"x": {"model.depth": 4}}, "cases.x.model.depth"), ({"x": {}}, "cases.x"), ([1], "cases"),
+                       ({"x": {"population": [{"seed": 1}]}}, "cases.x.population")]:
+        with pytest.raises(ConfigError) as e:
+            sweep.build_sweep({**raw, "cases": bad})
+        assert e.value.field == field
+    with pytest.raises(ConfigError) as e:
+        sweep.build_sweep({**raw, "cases": {"x": {"model.activation": "tahn"}}})
+    assert e.value.field == "model.activation" and "'case': 'x'" in str(e.value)
 
 
 def test_bad_grid_fails_before_anything_with_the_field(tmp_path):
