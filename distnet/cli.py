@@ -120,11 +120,12 @@ def _meanfield(args) -> int:
     except ValueError as e:
         print(f"no order-to-chaos transition found: {e}")
     if args.depth:
-        print(f"the Jacobian of {args.depth} hidden layers, J J^T's eigenvalues: mean, and variance over mean squared "
-              "(Pennington et al. 2017)")
+        fed = f"fed pre-activations of length {args.q_in:g}" if args.q_in is not None else "every layer at q*"
+        print(f"the Jacobian of {args.depth} hidden layers ({fed}), J J^T's eigenvalues: mean, and variance over mean "
+              "squared (Pennington et al. 2017)")
         print(f"{'sigma_w^2':>9} {'mean':>10} {'spread, Gaussian W':>19} {'spread, orthogonal W':>21}")
         for v in values:
-            gauss, orth = (meanfield.jacobian_spectrum(args.activation, v, args.sigma_b2, args.depth, w)
+            gauss, orth = (meanfield.jacobian_spectrum(args.activation, v, args.sigma_b2, args.depth, w, args.q_in)
                            for w in ("gaussian", "orthogonal"))
             print(f"{v:>9.4g} {gauss.mean:>10.4g} {gauss.spread:>19.4g} {orth.spread:>21.4g}")
     return 0
@@ -226,6 +227,8 @@ def parser() -> argparse.ArgumentParser:
                    help="weight variance(s) sigma_w^2 (W ~ N(0, sigma_w^2 / n_in)): values or START:STOP:N")
     m.add_argument("--sigma-b2", type=_sigma_b2_value, default=0.05, help="bias variance sigma_b^2 (default 0.05)")
     m.add_argument("--depth", type=int, help="also the predicted spectrum of the Jacobian of this many hidden layers")
+    m.add_argument("--q-in", type=float, help="with --depth: its layers fed pre-activations of this length (a real "
+                   "input's, e.g. a run's jacobian/q_in), not q*")
     m.set_defaults(func=_meanfield)
 
     sub.add_parser("list", help="print the registered inits, activations and losses").set_defaults(func=_list)

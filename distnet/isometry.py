@@ -58,7 +58,8 @@ class Arm:
     family: tuple[str, float, float]  # (activation, sigma_w^2, sigma_b^2): the same chi_1 and q*
     weights: str | None  # the ensemble ("gaussian", "orthogonal"); None: an init the prediction does not know
     depth: int
-    predicted: meanfield.Spectrum | None  # of the depth - 1 square layers past the first
+    predicted: meanfield.Spectrum | None  # of the depth - 1 square layers past the first, every layer at q*
+    from_data: meanfield.Spectrum | None  # the same from the inputs' length (jacobian/q_in at init), the transient in
     measured: dict[int, dict[str, float]]  # epoch -> moment -> mean over seeds
     quantiles: dict[int, np.ndarray]  # epoch -> the JACOBIAN_QUANTILES' geometric mean over seeds
     steps: list[int | None]  # per seed: steps to THRESHOLD
@@ -85,8 +86,13 @@ def arms(runs: list) -> list[Arm]:
     for (case, depth), cell in sorted(groups.items()):
         r0 = cell[0]
         weights = WEIGHTS.get(r0.init)
-        predicted = (meanfield.jacobian_spectrum(r0.activation, r0.sigma_w2, r0.sigma_b2, depth - 1, weights)
-                     if weights else None)
+        predicted = from_data = None
+        if weights:
+            predicted = meanfield.jacobian_spectrum(r0.activation, r0.sigma_w2, r0.sigma_b2, depth - 1, weights)
+            if all(0 in r.series.get("jacobian/q_in", {}) for r in cell):
+                q_in = float(np.mean([r.series["jacobian/q_in"][0] for r in cell]))
+                from_data = meanfield.jacobian_spectrum(r0.activation, r0.sigma_w2, r0.sigma_b2, depth - 1, weights,
+                                                        q_in)
         epochs = sorted(set.intersection(*(set(r.series["jacobian/spread"]) for r in cell)))
         measured = {e: {m: float(np.mean([r.series[f"jacobian/{m}"][e] for r in cell])) for m in MOMENTS}
                     for e in epochs}
@@ -94,7 +100,8 @@ def arms(runs: list) -> list[Arm]:
                                           for p in metrics.JACOBIAN_QUANTILES] for r in cell], axis=0))
                      for e in epochs}
         accs = [r.steps.get("train/batch_acc", np.array([])) for r in cell]
-        out.append(Arm(case, (r0.activation, r0.sigma_w2, r0.sigma_b2), weights, depth, predicted, measured, quantiles,
+        out.append(Arm(case, (r0.activation, r0.sigma_w2, r0.sigma_b2), weights, depth, predicted, from_data,
+                       measured, quantiles,
                        [steps_to_accuracy(a, THRESHOLD, WINDOW) for a in accs], min(len(a) for a in accs),
                        float(np.mean([r.acc for r in cell]))))
     return out
@@ -133,7 +140,7 @@ def _style(found: list[Arm]) -> dict[str, dict]:
 
 def spectra_figure(found: list[Arm]):
     """At init, per depth: each case's spectrum as its distribution function (the quantiles), with
-    the predicted mean as a tick on the top axis line."""
+    the predicted mean (from the inputs' length where known) as a tick on the top axis line."""
     depths = sorted({a.depth for a in found})
     style = _style(found)
     fig, axes = plt.subplots(1, len(depths), figsize=(max(4.2 * len(depths), 7.0), 3.8), squeeze=False,
@@ -143,7 +150,7 @@ def spectra_figure(found: list[Arm]):
             (line,) = ax.plot(a.quantiles[0], np.array(metrics.JACOBIAN_QUANTILES) / 100, marker="o", ms=2,
                               label=a.case, **style[a.case])
             if a.predicted is not None:
-                ax.plot([a.predicted.mean], [1.02], marker="v", color=line.get_color(), clip_on=False)
+                ax.plot([(a.from_data or a.predicted).mean], [1.02], marker="v", color=line.get_color(), clip_on=False)
         ax.set(xscale="log", ylim=(0, 1.05), title=f"{depth} hidden layers, at init",
                xlabel="squared singular value of J", ylabel="fraction below")
         ax.grid(alpha=0.3, which="both")
@@ -153,7 +160,8 @@ def spectra_figure(found: list[Arm]):
 
 
 def moments_figure(found: list[Arm]):
-    """Measured (at init, mean over seeds) against predicted spread and mean, one point per arm."""
+    """Measured (at init, mean over seeds) against predicted spread and mean, one point per arm: filled
+    at q* (the papers' prediction), crosses from the inputs' length."""
     known = [a for a in found if a.predicted is not None and 0 in a.measured]
     style = _style(found)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), squeeze=False, layout="constrained")
@@ -162,8 +170,12 @@ def moments_figure(found: list[Arm]):
             ax.plot(getattr(a.predicted, moment), a.measured[0][moment], marker="o", ls="none",
                     color=style[a.case]["color"], fillstyle="none" if style[a.case]["ls"] == "--" else "full",
                     ms=3 + math.log2(a.depth), label=a.case if a.depth == known[0].depth else None)
-        lo = min([getattr(a.predicted, moment) for a in known] + [a.measured[0][moment] for a in known])
-        hi = max([getattr(a.predicted, moment) for a in known] + [a.measured[0][moment] for a in known])
+            if a.from_data is not None:
+                ax.plot(getattr(a.from_data, moment), a.measured[0][moment], marker="x", ls="none",
+                        color=style[a.case]["color"], ms=3 + math.log2(a.depth))
+        shown = [getattr(p, moment) for a in known for p in (a.predicted, a.from_data) if p is not None]
+        lo = min(shown + [a.measured[0][moment] for a in known])
+        hi = max(shown + [a.measured[0][moment] for a in known])
         lo = max(lo, 1e-3)
         ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8)
         ax.set(xscale="log", yscale="log", xlabel=f"predicted {moment}", ylabel=f"measured {moment}",
@@ -211,15 +223,18 @@ def lines(found: list[Arm], eval_name: str) -> list[str]:
     out = ["", "## Dynamical isometry: the Jacobian's spectrum and the speed of learning", "",
            "J is the hidden stack's input-output Jacobian past the first hidden layer (depth - 1 square layers, "
            f"`metrics.jacobian`); spread = variance / mean^2 of its squared singular values. Predicted: "
-           "`meanfield.jacobian_spectrum` (Pennington et al. 2017). Steps: until the training accuracy (the "
+           "`meanfield.jacobian_spectrum` (Pennington et al. 2017) with every layer at q*, and (\"from q_in\") layer by "
+           "layer from the length of the first hidden layer's pre-activations on the probe images (`jacobian/q_in`). "
+           "Steps: until the training accuracy (the "
            f"batch accuracy over {WINDOW} steps) first reaches {THRESHOLD:.0%}, mean over seeds (`>` N: a seed "
            "did not in its N steps).", "",
-           "| case | hidden layers | predicted mean | measured mean | predicted spread | measured spread (init) | "
-           f"spread at the end | steps to {THRESHOLD:.0%} | per seed | {eval_name} accuracy |",
+           "| case | hidden layers | predicted mean, at q* / from q_in | measured mean | predicted spread, at q* / from "
+           f"q_in | measured spread (init) | spread at the end | steps to {THRESHOLD:.0%} | per seed | {eval_name} accuracy |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for a in found:
         init, end = a.measured.get(0, {}), a.measured[max(a.measured)] if a.measured else {}
-        pm, ps = (f"{a.predicted.mean:.3g}", f"{a.predicted.spread:.3g}") if a.predicted else ("-", "-")
+        pm = " / ".join(f"{p.mean:.3g}" for p in (a.predicted, a.from_data) if p is not None) or "-"
+        ps = " / ".join(f"{p.spread:.3g}" for p in (a.predicted, a.from_data) if p is not None) or "-"
         speed = _steps(a)
         seeds = ", ".join("-" if s is None else str(s) for s in a.steps)
         out.append(f"| {a.case} | {a.depth} | {pm} | {init.get('mean', math.nan):.3g} | {ps} | "
@@ -235,7 +250,7 @@ def lines(found: list[Arm], eval_name: str) -> list[str]:
         faster = sum(o.speed < g.speed for g, o in pairs)
         out += ["", f"Gaussian against orthogonal weights, the same family and depth (only the spread differs): "
                 f"orthogonal reached {THRESHOLD:.0%} first in {faster} of {len(pairs)} pairs.", "",
-                f"| family (activation, sigma_w^2, sigma_b^2) | hidden layers | steps, Gaussian | steps, orthogonal |",
+                "| family (activation, sigma_w^2, sigma_b^2) | hidden layers | steps, Gaussian | steps, orthogonal |",
                 "| --- | --- | --- | --- |"]
         out += [f"| {g.family[0]}, {g.family[1]:.4g}, {g.family[2]:.3g} | {g.depth} | {_steps(g)} | {_steps(o)} |"
                 for g, o in pairs]

@@ -174,20 +174,36 @@ class Spectrum:
     spread: float
 
 
-def jacobian_spectrum(activation: str, sigma_w2: float, sigma_b2: float, depth: int, weights: str) -> Spectrum:
+def jacobian_spectrum(activation: str, sigma_w2: float, sigma_b2: float, depth: int, weights: str,
+                      q_in: float | None = None) -> Spectrum:
     """Pennington, Schoenholz and Ganguli 2017 ("Resurrecting the sigmoid ... dynamical isometry"),
     by free probability: J J^T's S-transform is the product of its layers' (those of D_l^2 and of
     W_l W_l^T, freely independent at large width), and a product's first S-coefficient is the sum
     of its factors', so spreads add: spread = L (mu_2 / mu_1^2 - 1 + WEIGHT_SPREAD[weights]), with
     mu_k = E[phi'(h)^2k] at q*. The mean is chi_1^L (chi_1 = sigma_w^2 mu_1). Orthogonal weights
     remove the Marchenko-Pastur term, so at chi_1 = 1 a linear net with them is an exact isometry and
-    a ReLU net still spreads by L."""
+    a ReLU net still spreads by L.
+
+    With `q_in`, the length of the pre-activations that feed the first of the L layers (a real
+    input's, not q*), each layer's slopes are taken where the length map has carried it: q^{l+1} =
+    length map of q^l. The mean is then the product of the layers' chi, the spread the sum of their
+    terms (each layer's own S-coefficient). Near q* it is the formula above; far from it (MNIST's
+    first hidden layer against a small q*) the first layers' transient stays in the mean at any
+    depth (docs/results.md, section 7)."""
     if weights not in WEIGHT_SPREAD:
         raise ValueError(f"weights {weights!r}: allowed {', '.join(WEIGHT_SPREAD)}")
     g = Gauss(activation)
-    _, q = length_fixed_point(g, sigma_w2, sigma_b2)  # q*, or where the map left its bounds (as mean_field)
-    mu1, mu2 = g.slope_moments(q)
-    return Spectrum((sigma_w2 * mu1) ** depth, depth * (mu2 / mu1**2 - 1 + WEIGHT_SPREAD[weights]))
+    if q_in is None:
+        _, q = length_fixed_point(g, sigma_w2, sigma_b2)  # q*, or where the map left its bounds (as mean_field)
+        mu1, mu2 = g.slope_moments(q)
+        return Spectrum((sigma_w2 * mu1) ** depth, depth * (mu2 / mu1**2 - 1 + WEIGHT_SPREAD[weights]))
+    mean, spread, q = 1.0, 0.0, q_in
+    for _ in range(depth):
+        q = g.q_next(q, sigma_w2, sigma_b2)
+        mu1, mu2 = g.slope_moments(q)
+        mean *= sigma_w2 * mu1
+        spread += mu2 / mu1**2 - 1 + WEIGHT_SPREAD[weights]
+    return Spectrum(mean, spread)
 
 
 def table(rows: list[MeanField]) -> str:

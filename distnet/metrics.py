@@ -126,13 +126,16 @@ def jacobian(model: PopulationMLP, x: torch.Tensor) -> dict[str, np.ndarray]:
     first hidden layer's output to the last's: the square product of Pennington et al. 2017,
     D_l = diag phi'(z_l)), at each image of x: its squared singular values' mean, variance over mean
     squared (`spread`) and maximum, averaged over the images, and the JACOBIAN_QUANTILES of all the
-    images' squared singular values together, per member. In float64, one image at
+    images' squared singular values together, per member; and `jacobian/q_in`, the mean square of the
+    first hidden layer's pre-activations on those images (the length that feeds J: where mean-field
+    theory starts its layers, meanfield.jacobian_spectrum's q_in). In float64, one image at
     a time ([P, n, n] each); L - 1 batched n x n products an image, so off by default
     (`train.jacobian`). Nothing for a net with one hidden layer (no square part)."""
     if len(model.layers) < 3:
         return {}
     with torch.no_grad():
         _, hidden = model.forward(x, keep_hidden=True)
+        q_in = hidden[0][0].double().square().mean((1, 2)).cpu().numpy()  # z^1 [P, n, B]
         slopes = [model.act.grad(z, a).double() for z, a in hidden[1:]]  # D_2 .. D_L, [P, n, B] each
         weights = [w.double() for w, _ in model.params[1:-1]]  # W_2 .. W_L, [P, n, n]
         moments, spectra = [], []
@@ -147,7 +150,7 @@ def jacobian(model: PopulationMLP, x: torch.Tensor) -> dict[str, np.ndarray]:
         mean, spread, peak = torch.stack(moments).mean(0).T.cpu().numpy()
         levels = torch.tensor(JACOBIAN_QUANTILES, dtype=torch.float64, device=x.device) / 100
         quantiles = torch.quantile(torch.cat(spectra, 1), levels, dim=1).cpu().numpy()  # [Q, P]
-    return {"jacobian/mean": mean, "jacobian/spread": spread, "jacobian/max": peak,
+    return {"jacobian/mean": mean, "jacobian/spread": spread, "jacobian/max": peak, "jacobian/q_in": q_in,
             **{quantile_name(pct): q for pct, q in zip(JACOBIAN_QUANTILES, quantiles)}}
 
 

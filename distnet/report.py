@@ -152,7 +152,8 @@ def _listed(r, variant: str) -> tuple[Run, list[str]]:
         run.sigma_w2, run.sigma_b2 = _variances(r.data.params)
     keys = [f"{s}/layer_{l}" for l in range(1, depth + 1) for s in LAYER_SERIES] + [acc_key]
     if "jacobian/spread" in latest:  # trained with train.jacobian
-        keys += [f"jacobian/{m}" for m in isometry.MOMENTS] + [metrics.quantile_name(p) for p in metrics.JACOBIAN_QUANTILES]
+        keys += [f"jacobian/{m}" for m in isometry.MOMENTS + ("q_in",)]
+        keys += [metrics.quantile_name(p) for p in metrics.JACOBIAN_QUANTILES]
     return run, keys
 
 

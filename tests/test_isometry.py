@@ -31,6 +31,7 @@ def run(case, init, depth, seed, sigma_w2, spread0, acc_steps, activation="tanh"
     """A report.Run as read from a store: the moments at epochs 0 and 1, quantiles q (x 2 at epoch 1)."""
     q = np.geomspace(1e-4, 10, len(metrics.JACOBIAN_QUANTILES)) * (seed + 1)
     series = {"jacobian/mean": {0: 1.0 + seed, 1: 2.0}, "jacobian/spread": {0: spread0, 1: 3 * spread0},
+              "jacobian/q_in": {0: 0.1 + 0.1 * seed, 1: 5.0},
               "jacobian/max": {0: 10.0, 1: 20.0}, "test/acc": {0: 0.1, 1: 0.8 + 0.1 * seed}}
     series |= {metrics.quantile_name(p): {0: v, 1: 2 * v} for p, v in zip(metrics.JACOBIAN_QUANTILES, q)}
     return report.Run(f"{case}{depth}{seed}", activation, init, depth, seed, "finished", 0.8 + 0.1 * seed,
@@ -49,7 +50,8 @@ def test_arms_hold_each_cases_numbers_and_the_prediction():
     assert (g.case, g.weights, g.depth, g.family) == ("g", "gaussian", 4, ("tanh", w2, 0.05))
     assert g.predicted == meanfield.jacobian_spectrum("tanh", w2, 0.05, 3, "gaussian")  # 3 square layers
     assert o.predicted == meanfield.jacobian_spectrum("tanh", w2, 0.05, 3, "orthogonal")
-    assert x.weights is None and x.predicted is None
+    assert g.from_data == meanfield.jacobian_spectrum("tanh", w2, 0.05, 3, "gaussian", q_in=0.15)  # seeds' mean at init
+    assert x.weights is None and x.predicted is None and x.from_data is None
     assert g.measured == {0: {"mean": 1.5, "spread": 6.0, "max": 10.0}, 1: {"mean": 2.0, "spread": 18.0, "max": 20.0}}
     q = np.geomspace(1e-4, 10, len(metrics.JACOBIAN_QUANTILES))
     np.testing.assert_allclose(g.quantiles[0], q * math.sqrt(2), rtol=1e-12)  # geometric mean of q and 2q
@@ -61,7 +63,8 @@ def test_arms_hold_each_cases_numbers_and_the_prediction():
     assert isometry.correlations([g, o, x]) == {}  # two arms with a prediction: too few to rank
 
     text = "\n".join(isometry.lines([g, o, x], "test"))
-    assert "| g | 4 | 1 | 1.5 | " in text and "| 6 | 18 | 33 | 45, 21 | 85.00 |" in text
+    assert f"| g | 4 | 1 / {g.from_data.mean:.3g} | 1.5 | {g.predicted.spread:.3g} / {g.from_data.spread:.3g} | 6 | 18 | 33 " \
+           "| 45, 21 | 85.00 |" in text
     assert "| x | 4 | - | 1 | - | 2 | 6 | > 50 | - | 80.00 |" in text
     assert "orthogonal reached 80% first in 1 of 1 pairs" in text and "| tanh, 1.761, 0.05 | 4 | 33 | 20 |" in text
 
@@ -95,7 +98,7 @@ def test_report_of_a_sweep_with_cases_and_the_spectrum(ray_cluster, tracking_uri
     for a in arms:
         (r,) = [r for r in listed if r.data.tags["case"] == a.case and int(r.data.tags["depth"]) == a.depth]
         history = {k: {m.step: m.value for m in client.get_metric_history(r.info.run_id, k)}
-                   for k in ["jacobian/mean", "jacobian/spread", "jacobian/max"]
+                   for k in ["jacobian/mean", "jacobian/spread", "jacobian/max", "jacobian/q_in"]
                    + [metrics.quantile_name(p) for p in metrics.JACOBIAN_QUANTILES]}
         assert sorted(history["jacobian/spread"]) == [0, 1, 2]
         assert a.measured == {e: {m: history[f"jacobian/{m}"][e] for m in isometry.MOMENTS} for e in (0, 1, 2)}
@@ -107,6 +110,8 @@ def test_report_of_a_sweep_with_cases_and_the_spectrum(ray_cluster, tracking_uri
         sigma_w2, sigma_b2 = (1.0, 0.0) if activation == "identity" else (1.76095, 0.05)
         assert a.family == (activation, pytest.approx(sigma_w2, rel=1e-12), pytest.approx(sigma_b2, rel=1e-12))
         assert a.predicted == meanfield.jacobian_spectrum(*a.family, a.depth - 1, a.case.split("_")[1])
+        assert a.from_data == meanfield.jacobian_spectrum(*a.family, a.depth - 1, a.case.split("_")[1],
+                                                          q_in=history["jacobian/q_in"][0])
     assert any(s is not None for a in arms for s in a.steps)
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Dynamical isometry" in text and text.count("| linear_orthogonal |") == 2

@@ -88,15 +88,15 @@ def test_jacobian_spectrum_has_its_closed_forms():
 
 
 def measured_spectrum(activation: str, sigma_w2: float, sigma_b2: float, depth: int, init: str, seed: int,
-                      width: int = 400) -> tuple[float, float]:
+                      width: int = 400, q_in: float | None = None) -> tuple[float, float]:
     """(mean, variance over mean squared) of the eigenvalues of J J^T for a distnet net at init, from a
     config in the variance form: J = D_{L+1} W_{L+1} ... D_2 W_2, its `depth` square hidden layers,
-    at a first hidden pre-activation h^1 drawn at q* (where the theory has every layer)."""
+    at a first hidden pre-activation h^1 drawn at q* (where the theory has every layer), or at q_in."""
     cfg = build_config({"model": {"depth": depth + 1, "width": width, "activation": activation, "init": init,
                                   "sigma_w2": sigma_w2, "sigma_b2": sigma_b2}, "seed": seed})
     views = layer_views(make_layers(cfg.sizes), init_theta(cfg.sizes, cfg.members).double())
     act = registry.ACTIVATIONS[activation]
-    q = meanfield.length_fixed_point(meanfield.Gauss(activation), sigma_w2, sigma_b2)[1]
+    q = meanfield.length_fixed_point(meanfield.Gauss(activation), sigma_w2, sigma_b2)[1] if q_in is None else q_in
     h = torch.randn(width, 1, generator=torch.Generator().manual_seed(1000 + seed), dtype=torch.float64) * math.sqrt(q)
     jac = torch.eye(width, dtype=torch.float64)
     for w, b in views[1:depth + 1]:  # W_2 .. W_{L+1}, square
@@ -120,6 +120,36 @@ def test_jacobian_spectrum_matches_distnet_nets_at_init(activation, sigma_w2, si
                                 for s in range(16)], axis=0)
         assert mean == pytest.approx(predicted.mean, rel=tol), (depth, "mean")
         assert spread == pytest.approx(predicted.spread, rel=tol, abs=1e-9), (depth, "spread")
+
+
+def test_jacobian_spectrum_from_an_input_length_has_its_closed_forms():
+    """At q_in = q* the layer-by-layer prediction is the one at q*; linear and ReLU nets' slopes do not
+    depend on the length, so neither does their prediction."""
+    for act, s2, b2 in ON_THE_CRITICAL_LINE:
+        q_star = meanfield.length_fixed_point(meanfield.Gauss(act), s2, b2)[1]
+        for w in ("gaussian", "orthogonal"):
+            at_q_star = meanfield.jacobian_spectrum(act, s2, b2, 16, w)
+            assert meanfield.jacobian_spectrum(act, s2, b2, 16, w, q_in=q_star) == \
+                meanfield.Spectrum(pytest.approx(at_q_star.mean, rel=1e-9), pytest.approx(at_q_star.spread, rel=1e-9))
+    for q_in in (0.01, 0.3, 3.0):
+        assert meanfield.jacobian_spectrum("identity", 1.3, 0.0, 8, "orthogonal", q_in) == \
+            meanfield.Spectrum(pytest.approx(1.3**8, rel=1e-12), pytest.approx(0, abs=1e-12))
+        assert meanfield.jacobian_spectrum("relu", 2.0, 0.0, 8, "gaussian", q_in) == \
+            meanfield.Spectrum(pytest.approx(1, rel=1e-9), pytest.approx(16, rel=1e-9))
+
+
+@pytest.mark.parametrize("sigma_w2,sigma_b2,q_in", [(1.08603, 1e-4, 0.116), (1.76095, 0.05, 0.238)])
+def test_jacobian_spectrum_from_an_input_length_matches_distnet_nets(sigma_w2, sigma_b2, q_in):
+    """Critical tanh fed pre-activations of MNIST's length (q_in = sigma_w^2 |x|^2 / 784 + sigma_b^2, |x|^2 / 784
+    = 0.107 on the 8 probe images), not q* (0.046 and 0.57): the measured mean is where the length map's
+    transient puts it, within 10 % at depth 8 and 20 % at 32, and 25 % or more off the prediction at q*."""
+    for depth, tol in ((8, 0.10), (32, 0.20)):
+        predicted = meanfield.jacobian_spectrum("tanh", sigma_w2, sigma_b2, depth, "orthogonal", q_in)
+        mean, spread = np.mean([measured_spectrum("tanh", sigma_w2, sigma_b2, depth, "orthogonal", s, q_in=q_in)
+                                for s in range(16)], axis=0)
+        assert mean == pytest.approx(predicted.mean, rel=tol), (depth, "mean")
+        assert spread == pytest.approx(predicted.spread, rel=tol, abs=0.02), (depth, "spread")
+        assert abs(mean / meanfield.jacobian_spectrum("tanh", sigma_w2, sigma_b2, depth, "orthogonal").mean - 1) > 0.25
 
 
 def test_variance_form_of_the_gains():
@@ -172,6 +202,13 @@ def test_meanfield_command_prints_the_function_values(capsys):
     spectra = [line.split() for line in out[out.index(next(l for l in out if l.startswith("the Jacobian of 8"))) + 2:]]
     np.testing.assert_allclose([list(map(float, row)) for row in spectra], [[1.5, 0.75**8, 16, 8], [2, 1, 16, 8]],
                                rtol=1e-3)
+    # --q-in: the layers fed from a given length (tanh's slopes depend on it)
+    assert cli.main(["meanfield", "--sigma-w2", "1.08603", "--sigma-b2", "0.0001", "--depth", "8", "--q-in", "0.116"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    (row,) = [line.split() for line in out[out.index(next(l for l in out if l.startswith("the Jacobian of 8"))) + 2:]]
+    want = [meanfield.jacobian_spectrum("tanh", 1.08603, 1e-4, 8, w, q_in=0.116) for w in ("gaussian", "orthogonal")]
+    np.testing.assert_allclose(list(map(float, row)), [1.08603, want[0].mean, want[0].spread, want[1].spread], rtol=1e-3)
+    assert want[0].mean < 0.7  # not q*'s 1: the test tells the two apart
     with pytest.raises(SystemExit) as e:
         cli.main(["meanfield", "--sigma-w2", "-1"])
     assert e.value.code == 2

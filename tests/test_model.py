@@ -232,9 +232,10 @@ def test_jacobian_spectrum_equals_autograds_of_the_hidden_stack(mnist):
     act = registry.ACTIVATIONS["tanh"]
     for k in range(2):
         (w1, b1), *square, _ = [(w[k].double(), b[k, :, 0].double()) for w, b in model.params]
-        moments, spectrum = [], []
+        moments, spectrum, q_in = [], [], []
         for image in x.double():
             x1 = act.fn(w1 @ image + b1)
+            q_in.append(float((w1 @ image + b1).square().mean()))
 
             def stack(h):
                 for w, b in square:
@@ -247,6 +248,7 @@ def test_jacobian_spectrum_equals_autograds_of_the_hidden_stack(mnist):
         want = np.mean(np.array(moments, dtype=float), axis=0)
         # rtol 1e-6: the slopes come from the model's own float32 forward pass, the products are float64
         np.testing.assert_allclose([got[f"jacobian/{m}"][k] for m in ("mean", "spread", "max")], want, rtol=1e-6)
+        np.testing.assert_allclose(got["jacobian/q_in"][k], np.mean(q_in), rtol=1e-6)
         # the smallest singular values feel the float32 slopes most (1.4e-6 relative here)
         np.testing.assert_allclose([got[metrics.quantile_name(p)][k] for p in metrics.JACOBIAN_QUANTILES],
                                    np.percentile(spectrum, metrics.JACOBIAN_QUANTILES), rtol=1e-5)
