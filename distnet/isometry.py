@@ -24,6 +24,9 @@ WINDOW = 20  # steps: 2,560 images at batch 128, so one lucky batch does not cou
 # them the run's gain squared is mean-field theory's sigma_w^2. Runs with other inits get no prediction.
 WEIGHTS = {"lecun_normal": "gaussian", "orthogonal": "orthogonal"}
 MOMENTS = ("mean", "spread", "max")
+# The figures' log axes start here: a squared singular value below it is an exact zero of a
+# rank-deficient J (ReLU's dead units: about half of them), and a spread below it is an isometry.
+FLOOR = 1e-12
 
 
 def steps_to_accuracy(acc: np.ndarray, threshold: float = THRESHOLD, window: int = WINDOW) -> int | None:
@@ -139,20 +142,21 @@ def _style(found: list[Arm]) -> dict[str, dict]:
 
 
 def spectra_figure(found: list[Arm]):
-    """At init, per depth: each case's spectrum as its distribution function (the quantiles), with
-    the predicted mean (from the inputs' length where known) as a tick on the top axis line."""
+    """At init, per depth: each case's spectrum as its distribution function (the quantiles, those
+    below FLOOR at the left edge), with the predicted mean (from the inputs' length where known) as a
+    tick on the top axis line."""
     depths = sorted({a.depth for a in found})
     style = _style(found)
     fig, axes = plt.subplots(1, len(depths), figsize=(max(4.2 * len(depths), 7.0), 3.8), squeeze=False,
                              layout="constrained")  # 7 in at least: room for the title
     for ax, depth in zip(axes[0], depths):
         for a in (a for a in found if a.depth == depth and 0 in a.quantiles):
-            (line,) = ax.plot(a.quantiles[0], np.array(metrics.JACOBIAN_QUANTILES) / 100, marker="o", ms=2,
-                              label=a.case, **style[a.case])
+            (line,) = ax.plot(np.maximum(a.quantiles[0], FLOOR), np.array(metrics.JACOBIAN_QUANTILES) / 100,
+                              marker="o", ms=2, label=a.case, **style[a.case])
             if a.predicted is not None:
                 ax.plot([(a.from_data or a.predicted).mean], [1.02], marker="v", color=line.get_color(), clip_on=False)
-        ax.set(xscale="log", ylim=(0, 1.05), title=f"{depth} hidden layers, at init",
-               xlabel="squared singular value of J", ylabel="fraction below")
+        ax.set(xscale="log", ylim=(0, 1.05), xlim=(FLOOR / 2, None), title=f"{depth} hidden layers, at init",
+               xlabel=f"squared singular value of J (< {FLOOR:g}: at the edge)", ylabel="fraction below")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=6)
     fig.suptitle("The hidden stack's Jacobian spectrum at init (triangles: predicted mean)")
@@ -167,19 +171,18 @@ def moments_figure(found: list[Arm]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), squeeze=False, layout="constrained")
     for ax, moment in zip(axes[0], ("spread", "mean")):
         for a in known:
-            ax.plot(getattr(a.predicted, moment), a.measured[0][moment], marker="o", ls="none",
+            ax.plot(max(getattr(a.predicted, moment), 1e-3), max(a.measured[0][moment], 1e-3), marker="o", ls="none",
                     color=style[a.case]["color"], fillstyle="none" if style[a.case]["ls"] == "--" else "full",
                     ms=3 + math.log2(a.depth), label=a.case if a.depth == known[0].depth else None)
             if a.from_data is not None:
-                ax.plot(getattr(a.from_data, moment), a.measured[0][moment], marker="x", ls="none",
+                ax.plot(max(getattr(a.from_data, moment), 1e-3), max(a.measured[0][moment], 1e-3), marker="x", ls="none",
                         color=style[a.case]["color"], ms=3 + math.log2(a.depth))
         shown = [getattr(p, moment) for a in known for p in (a.predicted, a.from_data) if p is not None]
-        lo = min(shown + [a.measured[0][moment] for a in known])
+        lo = max(min(shown + [a.measured[0][moment] for a in known]), 1e-3)
         hi = max(shown + [a.measured[0][moment] for a in known])
-        lo = max(lo, 1e-3)
         ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8)
-        ax.set(xscale="log", yscale="log", xlabel=f"predicted {moment}", ylabel=f"measured {moment}",
-               title=f"{moment} of the squared singular values (marker size: depth)")
+        ax.set(xscale="log", yscale="log", xlabel=f"predicted {moment} (0 drawn at 1e-3)", ylabel=f"measured {moment}",
+               title=f"{moment} at init (o: at q*, x: from q_in; size: depth)")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=6)
     return fig
