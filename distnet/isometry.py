@@ -99,10 +99,11 @@ def arms(runs: list) -> list[Arm]:
         epochs = sorted(set.intersection(*(set(r.series["jacobian/spread"]) for r in cell)))
         measured = {e: {m: float(np.mean([r.series[f"jacobian/{m}"][e] for r in cell])) for m in MOMENTS}
                     for e in epochs}
+        # geometric means: the quantiles span decades (an exact zero, ReLU's, counted as 1e-300)
         quantiles = {e: np.exp(np.mean([[math.log(max(r.series[metrics.quantile_name(p)][e], 1e-300))
                                           for p in metrics.JACOBIAN_QUANTILES] for r in cell], axis=0))
                      for e in epochs}
-        accs = [r.steps.get("train/batch_acc", np.array([])) for r in cell]
+        accs = [r.steps.get(metrics.BATCH_ACC, np.array([])) for r in cell]
         out.append(Arm(case, (r0.activation, r0.sigma_w2, r0.sigma_b2), weights, depth, predicted, from_data,
                        measured, quantiles,
                        [steps_to_accuracy(a, THRESHOLD, WINDOW) for a in accs], min(len(a) for a in accs),
