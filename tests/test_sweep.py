@@ -90,9 +90,12 @@ def test_bad_grid_fails_before_anything_with_the_field(tmp_path):
 
 def test_grid_runs_once_and_resumes_without_logging_twice(ray_cluster, tracking_uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    raw = {"name": "g8", **TINY, "model": {"width": 20, "activation": "tanh"},
+    # 100 steps a job: with TINY's 10, one lane once drained the queue (7 of 8 jobs in 1.9 s) before
+    # the other's worker had started, and nothing was written at the same time.
+    raw = {"name": "g8", "train": {"epochs": 1, "log_every": 3}, "data": {"train_limit": 12800, "eval_limit": 300},
+           "model": {"width": 20, "activation": "tanh"},
            "ray": {"num_workers": 1, "cpus_per_worker": 0.5}, "mlflow": {"experiment": "sweeps"},
-           "sweep": {"pack": 1, "max_concurrent": 2},  # 2 lanes writing to one sqlite file at once, 4 jobs each
+           "sweep": {"pack": 1, "max_concurrent": 2},  # 2 lanes writing to one sqlite file at once
            "grid": {"model.depth": [1, 2], "model.init": ["xavier_normal", "he_normal"], "seed": [0, 1]}}
     sw = sweep.build_sweep(raw)
     first = launch.run_sweep(sw, tracking_uri, say=lambda *_: None)
@@ -106,10 +109,10 @@ def test_grid_runs_once_and_resumes_without_logging_twice(ray_cluster, tracking_
         assert r.data.params["model.depth"] == r.data.tags["model.depth"]
         depth = int(r.data.tags["depth"])
         table = steptable.read(client, r.info.run_id)  # every step of every concurrent cell landed, once
-        np.testing.assert_array_equal(table["step"], np.arange(10))
+        np.testing.assert_array_equal(table["step"], np.arange(100))
         assert list(table)[1:] == metrics.step_names(depth + 1)
-        for name in metrics.grad_norm_names(depth + 1):
-            assert sorted(m.step for m in client.get_metric_history(r.info.run_id, name)) == list(range(10))
+        for name in metrics.grad_norm_names(depth + 1):  # train.metric_points 50: intervals of 2 steps
+            assert sorted(m.step for m in client.get_metric_history(r.info.run_id, name)) == list(range(0, 100, 2))
         for name in ["test/acc", "speed/layer_1", "act/saturated/layer_1"]:
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, name)) == [0, 1]
     # The lanes did write at the same time: their spans of metric timestamps overlap.
