@@ -185,7 +185,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     def train_step() -> None:
         pixels(torch.index_select(x, 0, idx, out=xb_u8), scale, out=xb)
         torch.index_select(y, 0, idx, out=yb)
-        loss.copy_(model.loss_and_grad(xb, yb, acc))
+        loss.copy_(model.loss_and_grad(xb, yb, acc if tc.step_norms else None))  # acc: a step-table column only
         grad = grad_mean(model.grad)
         if tc.step_norms:
             norms.copy_(model.segment_norms(grad))
