@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from distnet import data, launch, metrics, tracking
+from distnet import data, launch, metrics, schema, tracking
 from distnet.config import build_config, merge, nest
 
 import bench_auth
@@ -114,7 +114,7 @@ def mlflow_cost(work: Path, step_s: float) -> tuple[float, float]:
     for first in range(0, 468, 10):
         sink.log_steps(list(range(first, first + 10)), {n: rows for n in names}, active)
         if first % every == 0:
-            sink.log(first, {n: rows[0] for n in names} | {metrics.max_name(n): rows[0] for n in names}, active[0])
+            sink.log(first, {n: rows[0] for n in names} | {schema.max_name(n): rows[0] for n in names}, active[0])
     sink.flush()
     per_step = (time.perf_counter() - start) / 468
     return per_step * 1e6, per_step / step_s

@@ -21,10 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
+from distnet import schema
+
 ARTIFACT_DIR = "cells"
 STEP_PREFIX = "step_metrics/"
 # The step-table columns kept (prefixes): what the report's per-step figures and tables draw.
-STEP_COLUMNS = ("grad_norm/w/", "train/batch_acc")
+STEP_COLUMNS = (schema.GRAD_NORM_W, schema.BATCH_ACC)
 # A cell as read back: its run id and {key: (steps, values)}.
 Record = tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]
 

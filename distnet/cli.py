@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from distnet import registry
+from distnet import registry, schema
 from distnet.download import DEFAULT_DIR, download
 from distnet.config import ConfigError, load_config
 from distnet.data import DataError
@@ -38,8 +38,8 @@ def _train(args) -> int:
     print(f"distnet: {cfg.name}: sizes {cfg.sizes}, {cfg.model.activation}, {population} member(s), "
           f"{cfg.ray.num_workers} worker(s){' on GPU' if cfg.ray.use_gpu else ''}; MLflow {uri}", flush=True)
     result = launch.run_training(cfg, uri, data_dir=args.data_dir, address=args.address)
-    eval_name = "test" if cfg.data.split == "test" else "val"
-    accs = result.metrics[f"{eval_name}/acc"]
+    eval_name = schema.eval_prefix(cfg.data.split)
+    accs = result.metrics[schema.acc(eval_name)]
     for k, (run_id, acc) in enumerate(zip(result.run_ids, accs)):
         member = f"member {k}: " if population > 1 else ""
         print(f"{member}final {eval_name} accuracy {100 * acc:.2f}%  MLflow run {run_id}")

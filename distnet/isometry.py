@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import numpy as np
 
-from distnet import meanfield, metrics
+from distnet import meanfield, metrics, schema
 
 THRESHOLD = 0.8  # training accuracy (a net of any depth in configs/isometry.yaml gets past it, or not for long)
 WINDOW = 20  # steps: 2,560 images at batch 128, so one lucky batch does not count
@@ -83,7 +83,7 @@ def arms(runs: list) -> list[Arm]:
     """One Arm per (case, depth) among the runs that measured the spectrum, by case name, then depth."""
     groups: dict[tuple[str, int], list] = {}
     for r in runs:
-        if r.series.get("jacobian/spread"):
+        if r.series.get(schema.jacobian("spread")):
             groups.setdefault((case_of(r), r.depth), []).append(r)
     out = []
     for (case, depth), cell in sorted(groups.items()):
@@ -92,18 +92,18 @@ def arms(runs: list) -> list[Arm]:
         predicted = from_data = None
         if weights:
             predicted = meanfield.jacobian_spectrum(r0.activation, r0.sigma_w2, r0.sigma_b2, depth - 1, weights)
-            if all(0 in r.series.get("jacobian/q_in", {}) for r in cell):
-                q_in = float(np.mean([r.series["jacobian/q_in"][0] for r in cell]))
+            if all(0 in r.series.get(schema.jacobian("q_in"), {}) for r in cell):
+                q_in = float(np.mean([r.series[schema.jacobian("q_in")][0] for r in cell]))
                 from_data = meanfield.jacobian_spectrum(r0.activation, r0.sigma_w2, r0.sigma_b2, depth - 1, weights,
                                                         q_in)
-        epochs = sorted(set.intersection(*(set(r.series["jacobian/spread"]) for r in cell)))
-        measured = {e: {m: float(np.mean([r.series[f"jacobian/{m}"][e] for r in cell])) for m in MOMENTS}
+        epochs = sorted(set.intersection(*(set(r.series[schema.jacobian("spread")]) for r in cell)))
+        measured = {e: {m: float(np.mean([r.series[schema.jacobian(m)][e] for r in cell])) for m in MOMENTS}
                     for e in epochs}
         # geometric means: the quantiles span decades (an exact zero, ReLU's, counted as 1e-300)
         quantiles = {e: np.exp(np.mean([[math.log(max(r.series[metrics.quantile_name(p)][e], 1e-300))
                                           for p in metrics.JACOBIAN_QUANTILES] for r in cell], axis=0))
                      for e in epochs}
-        accs = [r.steps.get(metrics.BATCH_ACC, np.array([])) for r in cell]
+        accs = [r.steps.get(schema.BATCH_ACC, np.array([])) for r in cell]
         out.append(Arm(case, (r0.activation, r0.sigma_w2, r0.sigma_b2), weights, depth, predicted, from_data,
                        measured, quantiles,
                        [steps_to_accuracy(a, THRESHOLD, WINDOW) for a in accs], min(len(a) for a in accs),

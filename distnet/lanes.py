@@ -1,7 +1,7 @@
 """The two small actors a driver shares with its trainers: the job queue of the lanes and the board
 rank 0 posts its progress to.
 
-This module imports nothing but Ray, and the queue holds references to jobs rather than the jobs
+This module imports nothing but Ray and the record's names (distnet.schema), and the queue holds references to jobs rather than the jobs
 themselves (a job's config would import torch through the registry): an actor's process imports
 the module of its class and unpickles its arguments, so these actors start in a fraction of a
 second instead of the 3 s that importing torch, Ray Train and MLflow takes on a small machine, on
@@ -14,6 +14,8 @@ import asyncio
 from collections import deque
 
 import ray
+
+from distnet import schema
 
 
 @ray.remote(num_cpus=0)
@@ -77,7 +79,7 @@ class JobQueue:
         """Idempotent: a restarted lane may report a job it had finished before dying."""
         if lane in self.in_flight and self.in_flight[lane][0] == seq:
             _, _, run_ids = self.in_flight.pop(lane)
-            self.outcomes.append({"cells": len(run_ids), "diverged": sum(r["status"].startswith("diverged") for r in rows)})
+            self.outcomes.append({"cells": len(run_ids), "diverged": sum(r["status"].startswith(schema.DIVERGED) for r in rows)})
             self.rows += rows
 
     def fail_in_flight(self, lane: int, error: str) -> tuple[ray.ObjectRef, list[str]] | None:
@@ -90,7 +92,7 @@ class JobQueue:
         _, ref, run_ids = self.in_flight.pop(lane)
         self.outcomes.append({"cells": len(run_ids), "error": error})
         nan = float("nan")
-        self.rows += [{"status": "failed", "acc": nan, "ratio_init": nan, "ratio_end": nan, "run_id": run_id,
+        self.rows += [{"status": schema.FAILED, "acc": nan, "ratio_init": nan, "ratio_end": nan, "run_id": run_id,
                        "error": error} for run_id in run_ids]
         return ref, run_ids
 

@@ -33,7 +33,7 @@ from mlflow.entities import RunTag
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from distnet import data, download, network, sweep, tracking, worker
+from distnet import data, download, network, schema, sweep, tracking, worker
 from distnet.config import Config, config_hash
 from distnet.lanes import JobQueue, ProgressBoard
 from distnet.progress import ProgressPrinter
@@ -121,7 +121,7 @@ def _train_loop(loop_config: dict) -> None:
             torch.set_num_threads(max(1, int(job.cfg.ray.cpus_per_worker)))
             state = worker.train(job.cfg, arrays, env, sink, _committer(rank, seq, sink), resume)
         if rank == 0:
-            acc_key = f"{'test' if job.cfg.data.split == 'test' else 'val'}/acc"
+            acc_key = schema.acc(schema.eval_prefix(job.cfg.data.split))
             outcome = tracking.Outcome(worker.diverged_members(state["diverged_at"]), state["all_reduce"], acc_key)
             ray.get(queue.done.remote(lane, seq, sink.close(outcome)))
         seq, resume, done = seq + 1, None, False
@@ -133,11 +133,11 @@ def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: dict 
     nothing MLflow holds is written again, even where Ray had not registered the group's last
     checkpoint."""
     sink = tracking.MlflowSink(uri, job.cfg, job.runs, on_progress=board and (lambda s: board.update.remote(s)),
-                               tags={"distnet.ray_node": ray.get_runtime_context().get_node_id(),
-                                     "distnet.lane": str(lane), "distnet.trainer": trainer}, parent=job.parent)
+                               tags={schema.RAY_NODE: ray.get_runtime_context().get_node_id(),
+                                     schema.LANE: str(lane), schema.TRAINER: trainer}, parent=job.parent)
     if resume is not None or job.resumed:
         step = resume["step"] if resume is not None else 0
-        sink.tags.append(RunTag("distnet.resumed_from_step", str(step)))
+        sink.tags.append(RunTag(schema.RESUMED_FROM_STEP, str(step)))
         sink.restore(resume["unflushed"] if resume is not None else None)
         tracking.count_restart(uri, job.run_ids)
     return sink
@@ -198,7 +198,7 @@ def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri:
     )
     if board is None:
         return trainer.fit()
-    eval_name = "test" if cfg.data.split == "test" else "val"
+    eval_name = schema.eval_prefix(cfg.data.split)
     with ProgressPrinter(lambda: ray.get(board.get.remote(), timeout=10), cfg.train.epochs, eval_name):
         return trainer.fit()
 
@@ -264,7 +264,7 @@ def _lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri: st
             failed = ray.get(queue.fail_in_flight.remote(lane, f"{type(e).__name__}: {e}"))
             if failed is not None:  # where it failed, as rank 0 tags what it trains
                 ref, run_ids = failed
-                tracking.fail_runs(tracking_uri, run_ids, e, {"distnet.lane": str(lane), "distnet.trainer": name},
+                tracking.fail_runs(tracking_uri, run_ids, e, {schema.LANE: str(lane), schema.TRAINER: name},
                                    ray.get(ref).cfg)
 
 
@@ -276,7 +276,7 @@ class SweepResult:
 
     @property
     def failed(self) -> list[dict]:
-        return [r for r in self.rows if r["status"] == "failed"]
+        return [r for r in self.rows if r["status"] == schema.FAILED]
 
 
 def default_concurrency(cfg: Config) -> int:
@@ -319,7 +319,7 @@ class Feed:
                 key = (cfg.data.split, cfg.data.train_limit, cfg.data.eval_limit)
                 if key not in data_refs:
                     data_refs[key] = ray.put(data.select(self.mnist, *key))
-                tags = [{"distnet.cell_id": c.id, "mlflow.runName": f"{self.sw.name}/{c.label}",
+                tags = [{schema.CELL_ID: c.id, schema.RUN_NAME: f"{self.sw.name}/{c.label}",
                          **{k: str(v) for k, v in c.axes.items()}} for c in group]
                 runs = tracking.create_runs(self.tracking_uri, cfg, self.exp_id, self.parent.run_id, tags)
                 self.cell_runs.update((c.id, r.run_id) for c, r in zip(group, runs))
@@ -342,19 +342,7 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
     exp_id = tracking.experiment_id(tracking_uri, first.mlflow.experiment)
     parent_ref = tracking.sweep_parent(tracking_uri, exp_id, sw.name, sw.id, grid_params)
     parent = parent_ref.run_id
-    by_cell: dict[str, list] = {}
-    for run in tracking.child_runs(tracking_uri, parent):
-        by_cell.setdefault(run.data.tags.get("distnet.cell_id"), []).append(run)
-    todo, stale, finished = [], [], {}
-    for cell in sw.cells:
-        runs = by_cell.get(cell.id, [])
-        done = [r for r in runs if r.info.status == "FINISHED"]
-        if done and not force:
-            finished[cell.id] = done[0]
-            continue
-        stale += runs  # failed, interrupted, or forced: replaced by a fresh run
-        todo.append(cell)
-    del by_cell
+    todo, stale, finished = sweep.select(sw.cells, tracking.child_runs(tracking_uri, parent), force)
     tracking.delete_runs(tracking_uri, [r.info.run_id for r in stale])
     groups = sweep.packs(todo, sw.settings.pack)
     trained: dict[str, dict] = {}
@@ -386,7 +374,7 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
         trained = {cell_id: by_run[run_id] for cell_id, run_id in feed.cell_runs.items()}
     else:
         say(f"sweep {sw.name}: all {len(sw.cells)} cells already finished; MLflow parent run {parent}")
-    eval_prefix = "test" if first.data.split == "test" else "val"
+    eval_prefix = schema.eval_prefix(first.data.split)
     rows = _summary_rows(sw, finished, trained, tracking_uri, eval_prefix)
     tracking.finish_parent(tracking_uri, parent, sweep.summary_csv(rows))
     say(sweep.summary_table(rows, eval_prefix, sw.cells))

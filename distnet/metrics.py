@@ -1,7 +1,7 @@
 """What the project exists to show: per-layer gradient norms, Nielsen's speed-of-learning probe,
 activation statistics, accuracy. Functions of a model and data; they return [P]-shaped arrays keyed
-by the metric names the MLflow UI groups on (`grad_norm/w/layer_1`, `speed/layer_1`, ...).
-Layers are numbered from 1 (input -> first hidden) to L (last hidden -> output)."""
+by the record's names (distnet.schema: `grad_norm/w/layer_1`, `speed/layer_1`, ...), which the MLflow
+UI groups on."""
 
 from __future__ import annotations
 
@@ -10,31 +10,22 @@ import math
 import numpy as np
 import torch
 
+from distnet import schema
 from distnet.model import PopulationMLP
 
 EVAL_CHUNK = 2000  # bounds the [P, chunk, width] activations of a large population
 
 
-BATCH_LOSS = "train/batch_loss"  # the global batch's loss at one step (train/loss: the epoch's mean)
-BATCH_ACC = "train/batch_acc"  # the fraction of the global batch classified right, before that step's update
-
-
 def grad_norm_names(n_layers: int) -> list[str]:
     """Names of the columns of PopulationMLP.segment_norms, in order."""
-    return [f"grad_norm/{kind}/layer_{l}" for l in range(1, n_layers + 1) for kind in ("w", "b")]
+    return [schema.grad_norm(kind, l) for l in range(1, n_layers + 1) for kind in ("w", "b")]
 
 
 def step_names(n_layers: int) -> list[str]:
     """The per-step series: every layer's gradient norms, then the batch loss and accuracy. Their
     step tables hold every step; MLflow holds each one's interval mean under this name and its max under
-    max_name(name)."""
-    return grad_norm_names(n_layers) + [BATCH_LOSS, BATCH_ACC]
-
-
-def max_name(name: str) -> str:
-    """`grad_norm/w/layer_1` -> `grad_norm_max/w/layer_1`: a section of its own in the MLflow UI."""
-    head, _, rest = name.partition("/")
-    return f"{head}_max/{rest}"
+    schema.max_name(name)."""
+    return grad_norm_names(n_layers) + [schema.BATCH_LOSS, schema.BATCH_ACC]
 
 
 def interval(total_steps: int, points: int) -> int:
@@ -107,7 +98,7 @@ def evaluate(model: PopulationMLP, x: torch.Tensor, y: torch.Tensor, prefix: str
         z = model.forward(xb)
         correct += (z.argmax(-1) == yb).sum(-1)
         loss += model.loss_fn(z, yb).double() * len(xb)
-    return {f"{prefix}/acc": (correct / len(x)).cpu().numpy(), f"{prefix}/loss": (loss / len(x)).cpu().numpy()}
+    return {schema.acc(prefix): (correct / len(x)).cpu().numpy(), schema.loss(prefix): (loss / len(x)).cpu().numpy()}
 
 
 JACOBIAN_INPUTS = 8  # the first probe images: the spectrum is averaged over these inputs
@@ -118,7 +109,7 @@ JACOBIAN_QUANTILES = (0, 1, 5, 10, 25, 50, 75, 90, 95, 99, 100)
 
 
 def quantile_name(pct: int) -> str:
-    return f"jacobian/q{pct:02d}"
+    return schema.jacobian(f"q{pct:02d}")
 
 
 def jacobian(model: PopulationMLP, x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -150,7 +141,8 @@ def jacobian(model: PopulationMLP, x: torch.Tensor) -> dict[str, np.ndarray]:
         mean, spread, peak = torch.stack(moments).mean(0).T.cpu().numpy()
         levels = torch.tensor(JACOBIAN_QUANTILES, dtype=torch.float64, device=x.device) / 100
         quantiles = torch.quantile(torch.cat(spectra, 1), levels, dim=1).cpu().numpy()  # [Q, P]
-    return {"jacobian/mean": mean, "jacobian/spread": spread, "jacobian/max": peak, "jacobian/q_in": q_in,
+    return {schema.jacobian("mean"): mean, schema.jacobian("spread"): spread, schema.jacobian("max"): peak,
+            schema.jacobian("q_in"): q_in,
             **{quantile_name(pct): q for pct, q in zip(JACOBIAN_QUANTILES, quantiles)}}
 
 
@@ -164,8 +156,8 @@ def probe(model: PopulationMLP, x: torch.Tensor, y: torch.Tensor) -> dict[str, n
     out = {}
     for l, (z, a) in enumerate(hidden, start=1):
         flat_a = a.reshape(a.shape[0], -1)
-        out[f"speed/layer_{l}"] = norms[:, 2 * (l - 1) + 1]
-        out[f"act/mean/layer_{l}"] = flat_a.mean(1)
-        out[f"act/std/layer_{l}"] = flat_a.std(1)
-        out[f"act/saturated/layer_{l}"] = model.act.saturated(z, a).reshape(a.shape[0], -1).float().mean(1)
+        out[schema.layer(schema.SPEED, l)] = norms[:, 2 * (l - 1) + 1]
+        out[schema.layer(schema.ACT_MEAN, l)] = flat_a.mean(1)
+        out[schema.layer(schema.ACT_STD, l)] = flat_a.std(1)
+        out[schema.layer(schema.SATURATED, l)] = model.act.saturated(z, a).reshape(a.shape[0], -1).float().mean(1)
     return {k: v.cpu().numpy() for k, v in out.items()}

@@ -42,7 +42,7 @@ from matplotlib.collections import QuadMesh  # noqa: E402
 import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from distnet import cellrecords, isometry, meanfield, metrics, registry, steptable, tracking  # noqa: E402
+from distnet import cellrecords, isometry, meanfield, metrics, registry, schema, steptable, tracking  # noqa: E402
 
 
 class ReportError(ValueError):
@@ -75,7 +75,7 @@ class Run:
     @property
     def acc_series(self) -> dict[int, float]:
         """Accuracy by epoch: on the test set, or on the validation set where the run used one."""
-        return self.series.get("test/acc", self.series.get("val/acc", {}))
+        return next((self.series[k] for k in map(schema.acc, schema.EVAL_PREFIXES) if k in self.series), {})
 
 
 @dataclass
@@ -134,9 +134,9 @@ def _variances(params: dict) -> tuple[float, float]:
     return float(params.get("model.sigma_w", 1.0)) ** 2, bias ** 2
 
 
-LAYER_SERIES = ("speed", "act/saturated", "act/mean", "act/std")  # epoch series per hidden layer
 # A cell's records that the report reads: its epoch series and its step table's STEP_COLUMNS.
-RECORD_PREFIXES = (tuple(f"{s}/layer_" for s in LAYER_SERIES) + ("test/acc", "val/acc", "jacobian/")
+RECORD_PREFIXES = (tuple(schema.layer(s, "") for s in schema.LAYER_SERIES) + tuple(map(schema.acc, schema.EVAL_PREFIXES))
+                   + (schema.JACOBIAN,)
                    + tuple(cellrecords.STEP_PREFIX + c for c in cellrecords.STEP_COLUMNS))
 
 
@@ -144,15 +144,15 @@ def _listed(r, variant: str) -> tuple[Run, list[str]]:
     """A listed run's cell, from its tags, params and latest metrics, and the series keys to read."""
     tags, latest = r.data.tags, r.data.metrics
     depth = int(tags["depth"])
-    acc_key = "test/acc" if "test/acc" in latest else "val/acc"
+    acc_key = next((k for k in map(schema.acc, schema.EVAL_PREFIXES) if k in latest), schema.acc("val"))
     run = Run(r.info.run_id, tags["activation"], tags["init"], depth, int(tags["seed"]),
-              tags.get("distnet.status") or r.info.status.lower(), latest.get(acc_key, math.nan), variant=variant,
-              case=tags.get("case", ""))
+              schema.run_status(tags, r.info.status), latest.get(acc_key, math.nan), variant=variant,
+              case=tags.get(schema.CASE, ""))
     if "model.init" in r.data.params:
         run.sigma_w2, run.sigma_b2 = _variances(r.data.params)
-    keys = [f"{s}/layer_{l}" for l in range(1, depth + 1) for s in LAYER_SERIES] + [acc_key]
-    if "jacobian/spread" in latest:  # trained with train.jacobian
-        keys += [f"jacobian/{m}" for m in isometry.MOMENTS + ("q_in",)]
+    keys = [schema.layer(s, l) for l in range(1, depth + 1) for s in schema.LAYER_SERIES] + [acc_key]
+    if schema.jacobian("spread") in latest:  # trained with train.jacobian
+        keys += [schema.jacobian(m) for m in isometry.MOMENTS + ("q_in",)]
         keys += [metrics.quantile_name(p) for p in metrics.JACOBIAN_QUANTILES]
     return run, keys
 
@@ -165,7 +165,7 @@ def _from_records(run: Run, keys: list[str], record: dict[str, tuple[np.ndarray,
         run.series[key] = dict(zip(steps.tolist(), values.tolist()))
     columns = {k[len(cellrecords.STEP_PREFIX):]: v for k, v in record.items() if k.startswith(cellrecords.STEP_PREFIX)}
     if columns:  # the step table's float32 values, exactly (the records widened them to float64)
-        run.steps = {"step": columns["grad_norm/w/layer_1"][0].copy()} | {k: v.astype(np.float32)
+        run.steps = {"step": columns[schema.grad_norm("w", 1)][0].copy()} | {k: v.astype(np.float32)
                                                                          for k, (_, v) in columns.items()}
     return run
 
@@ -221,7 +221,7 @@ def layer_curves(runs: list[Run], metric: str) -> dict[tuple[str, str], dict[int
     'act/saturated') over epochs."""
     out = {}
     for g, depths in by_group(runs).items():
-        curves = {depth: {l: band([r.series.get(f"{metric}/layer_{l}", {}) for r in cell]) for l in range(1, depth + 1)}
+        curves = {depth: {l: band([r.series.get(schema.layer(metric, l), {}) for r in cell]) for l in range(1, depth + 1)}
                   for depth, cell in depths.items() if depth > 0}
         curves = {d: layers for d, layers in curves.items() if any(len(b.x) for b in layers.values())}
         if curves:  # runs without the probe's series (filled by hand, or another tool's) draw nothing
@@ -238,7 +238,7 @@ def step_curves(runs: list[Run]) -> dict[tuple[str, str], dict[int, dict[int, Ba
         for depth, cell in depths.items():
             cell = [r for r in cell if r.steps]
             if cell:
-                curves[depth] = {l: band([dict(zip(r.steps["step"].tolist(), r.steps[f"grad_norm/w/layer_{l}"].tolist()))
+                curves[depth] = {l: band([dict(zip(r.steps["step"].tolist(), r.steps[schema.grad_norm("w", l)].tolist()))
                                           for r in cell]) for l in range(1, depth + 2)}
         if curves:
             out[g] = curves
@@ -253,8 +253,8 @@ def init_profile(runs: list[Run]) -> dict[tuple[str, str], dict[int, Band]]:
         for depth, cell in depths.items():
             if depth == 0:
                 continue
-            per_seed = [{l: r.series[f"speed/layer_{l}"][0] for l in range(1, depth + 1)
-                         if 0 in r.series[f"speed/layer_{l}"]} for r in cell]
+            per_seed = [{l: r.series[schema.layer(schema.SPEED, l)][0] for l in range(1, depth + 1)
+                         if 0 in r.series[schema.layer(schema.SPEED, l)]} for r in cell]
             b = band(per_seed)
             if len(b.x):
                 out[g][depth] = b
@@ -284,7 +284,7 @@ def init_table(runs: list[Run]) -> list[dict]:
     rows = []
     for (act, init), depths in by_group(runs).items():
         for depth, cell in depths.items():
-            at_init = np.array([[r.series[f"speed/layer_{l}"].get(0, math.nan) for l in range(1, depth + 1)]
+            at_init = np.array([[r.series[schema.layer(schema.SPEED, l)].get(0, math.nan) for l in range(1, depth + 1)]
                                 for r in cell])  # [seeds, layers]
             if depth == 0 or np.isnan(at_init).all():
                 continue
@@ -388,7 +388,7 @@ def init_grad_profile(m: TrainabilityMap) -> tuple[int, dict[float, Band]]:
     for sw in m.sigma_w2:
         cell = [r for r in m.runs if r.depth == depth and r.sigma_w2 == sw and r.steps]
         if cell:
-            out[sw] = band([{l: float(r.steps[f"grad_norm/w/layer_{l}"][0]) for l in range(1, depth + 2)}
+            out[sw] = band([{l: float(r.steps[schema.grad_norm("w", l)][0]) for l in range(1, depth + 2)}
                             for r in cell])
     return depth, out
 
@@ -574,8 +574,8 @@ def figures(runs: list[Run], groups: list[tuple[str, str]], maps: list[Trainabil
     """(file name, figure) of each figure, one at a time: the per-group ones for `groups` only."""
     drawn = set(groups)
     shown = [r for r in runs if r.group in drawn]
-    speed, saturation = layer_curves(shown, "speed"), layer_curves(shown, "act/saturated")
-    act_mean, act_std = layer_curves(shown, "act/mean"), layer_curves(shown, "act/std")
+    speed, saturation = layer_curves(shown, schema.SPEED), layer_curves(shown, schema.SATURATED)
+    act_mean, act_std = layer_curves(shown, schema.ACT_MEAN), layer_curves(shown, schema.ACT_STD)
     for (act, init), curves in speed.items():
         g, name = (act, init), f"{_slug(act)}_{_slug(init)}.png"
         yield f"speed_{name}", layer_figure(
@@ -607,7 +607,7 @@ def write_report(runs: list[Run], out: Path, title: str, group_figures: int | No
     """Every figure (the per-group ones for at most `group_figures` groups, None: all) and report.md
     into `out`; returns the manifest {file: figure_counts}."""
     out.mkdir(parents=True, exist_ok=True)
-    eval_name = "test" if any("test/acc" in r.series for r in runs) else "validation"
+    eval_name = "test" if any(schema.acc("test") in r.series for r in runs) else "validation"
     groups, maps, arms = drawn_groups(runs, group_figures), trainability_maps(runs), isometry.arms(runs)
     manifest = {}
     for name, fig in figures(runs, groups, maps, arms, eval_name):  # each saved and closed before the next is made

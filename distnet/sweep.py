@@ -31,11 +31,12 @@ import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
 from distnet import config as C
+from distnet import schema
 from distnet.config import Config, ConfigError, MemberSpec
 
 # Resolved-config keys that population members may differ in (everything else must be shared).
@@ -151,6 +152,26 @@ def packs(cells: list[Cell], pack: int) -> list[list[Cell]]:
     return [g[i:i + pack] for g in groups.values() for i in range(0, len(g), pack)]
 
 
+def select(cells: list[Cell], runs: Iterable, force: bool = False) -> tuple[list[Cell], list, dict[str, Any]]:
+    """Which cells to train, from the runs a sweep's parent already holds (MLflow runs, tagged with
+    their cell's id): (the cells to train, in grid order; the runs to delete; each finished cell's
+    run by cell id). A cell with a FINISHED run is done unless `force`; every other run of a cell
+    that trains (failed, interrupted, or forced) is stale: a fresh run replaces it."""
+    by_cell: dict[str, list] = {}
+    for run in runs:
+        by_cell.setdefault(run.data.tags.get(schema.CELL_ID), []).append(run)
+    todo, stale, finished = [], [], {}
+    for cell in cells:
+        listed = by_cell.get(cell.id, [])
+        done = [r for r in listed if r.info.status == "FINISHED"]
+        if done and not force:
+            finished[cell.id] = done[0]
+        else:
+            stale += listed
+            todo.append(cell)
+    return todo, stale, finished
+
+
 def population_config(cells: list[Cell], name: str) -> Config:
     """One training for a pack: the first cell's shared settings, one member per cell."""
     members = [c.config.members[0] for c in cells]
@@ -196,7 +217,7 @@ def cell_table(rows: list[dict], eval_name: str) -> str:
 
 
 def _status_counts(rows: list[dict]) -> dict[str, int]:
-    counts = {"finished": 0, "diverged": 0, "failed": 0}
+    counts = {schema.FINISHED: 0, schema.DIVERGED: 0, schema.FAILED: 0}
     for r in rows:
         status = r["status"].split("@")[0]
         counts[status] = counts.get(status, 0) + 1
@@ -216,6 +237,6 @@ def axis_table(axis: str, groups: dict[Any, list[dict]], eval_name: str) -> str:
             acc = np.nanmean([r["acc"] for r in rows]) if any(np.isfinite(r["acc"]) for r in rows) else np.nan
             ratios = [np.nanmedian(v) if np.isfinite(v).any() else np.nan
                       for v in (np.array([r[k] for r in rows], dtype=float) for k in ("ratio_init", "ratio_end"))]
-        out.append(f"{str(value):<{width}}  {len(rows):>6} {counts['finished']:>8} {counts['diverged']:>8} "
-                   f"{counts['failed']:>6} {100 * acc:>13.2f}% {ratios[0]:>14.3g} {ratios[1]:>14.3g}")
+        out.append(f"{str(value):<{width}}  {len(rows):>6} {counts[schema.FINISHED]:>8} {counts[schema.DIVERGED]:>8} "
+                   f"{counts[schema.FAILED]:>6} {100 * acc:>13.2f}% {ratios[0]:>14.3g} {ratios[1]:>14.3g}")
     return "\n".join(out)

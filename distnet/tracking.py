@@ -39,7 +39,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from distnet import cellrecords, steptable
+from distnet import cellrecords, schema, steptable
 from distnet.config import Config, Member, config_hash, dump_yaml, flatten
 
 # set_terminated on an HTTP store otherwise reads the run back to print a "View run" link: one
@@ -55,9 +55,6 @@ SQLITE = "sqlite:///"
 # a cluster's writers together stay within the server's database connections. A local sqlite store
 # takes one writer at a time (and its requests are CPU, not waiting): one after another there.
 SERVER_CONCURRENCY = 4
-# The sweep summary's gradient ratio, |grad W_1| / |grad W_L| at the first and the last step of the
-# step table: logged with the final metrics, so a rerun summarises finished cells from the listing.
-RATIO_INIT, RATIO_END = "grad_ratio/init", "grad_ratio/end"
 
 T = TypeVar("T")
 
@@ -291,9 +288,9 @@ def create_runs(uri: str, cfg: Config, exp_id: str | None = None, parent_run_id:
         name = cfg.name if population == 1 else member_name(cfg, k)
         tags = member_tags(cfg, k)
         if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
+            tags[schema.PARENT] = parent_run_id
         tags.update(extra_tags[k] if extra_tags else {})
-        run = retry_busy(client.create_run, exp_id, run_name=tags.pop("mlflow.runName", name), tags=tags)
+        run = retry_busy(client.create_run, exp_id, run_name=tags.pop(schema.RUN_NAME, name), tags=tags)
         return RunRef(run.info.run_id)
 
     return concurrent(uri, create, range(population))
@@ -335,8 +332,8 @@ def count_restart(uri: str, run_ids: list[str]) -> None:
     client = MlflowClient(uri)
 
     def bump(run_id: str) -> None:
-        n = int(client.get_run(run_id).data.tags.get("distnet.restarts", "0")) + 1
-        retry_busy(client.set_tag, run_id, "distnet.restarts", str(n))
+        n = int(client.get_run(run_id).data.tags.get(schema.RESTARTS, "0")) + 1
+        retry_busy(client.set_tag, run_id, schema.RESTARTS, str(n))
 
     concurrent(uri, bump, run_ids)
 
@@ -356,8 +353,8 @@ def fail_runs(uri: str, run_ids: list[str], error: BaseException, tags: dict[str
             params, text = member_record(cfg, k)
             client.log_text(run_id, text, "config.yaml")
         client.log_text(run_id, reason, "error.txt")
-        write_batches(client, run_id, [], [RunTag("distnet.status", "failed"),
-                                           RunTag("distnet.error", reason[:5000])] + extra, params)
+        write_batches(client, run_id, [], [RunTag(schema.STATUS, schema.FAILED),
+                                           RunTag(schema.ERROR, reason[:5000])] + extra, params)
         retry_busy(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FAILED))
 
     concurrent(uri, fail, range(len(run_ids)))
@@ -563,10 +560,10 @@ class MlflowSink:
     def ratios(self, k: int) -> tuple[float, float]:
         """Member k's |grad W_1| / |grad W_L| at the first and the latest step of its step table
         (nan without one: train.step_norms false)."""
-        if self.first[k] is None or "grad_norm/w/layer_1" not in self.columns:
+        if self.first[k] is None or schema.grad_norm("w", 1) not in self.columns:
             return float("nan"), float("nan")
-        n_layers = sum(c.startswith("grad_norm/w/") for c in self.columns)
-        i, j = self.columns.index("grad_norm/w/layer_1"), self.columns.index(f"grad_norm/w/layer_{n_layers}")
+        n_layers = sum(c.startswith(schema.GRAD_NORM_W) for c in self.columns)
+        i, j = self.columns.index(schema.grad_norm("w", 1)), self.columns.index(schema.grad_norm("w", n_layers))
         with np.errstate(all="ignore"):  # a diverged member's last row: inf / inf
             return tuple(float(np.float64(row[1][i]) / np.float64(row[1][j]))
                          for row in (self.first[k], self.latest[k]))
@@ -579,14 +576,14 @@ class MlflowSink:
         def end(k: int) -> dict:
             ratio_init, ratio_end = self.ratios(k)
             if self.first[k] is not None:
-                self._append(k, (RATIO_INIT, ratio_init, ts, self.first[k][0]))
-                self._append(k, (RATIO_END, ratio_end, ts, self.latest[k][0]))
+                self._append(k, (schema.RATIO_INIT, ratio_init, ts, self.first[k][0]))
+                self._append(k, (schema.RATIO_END, ratio_end, ts, self.latest[k][0]))
             if k in outcome.diverged:
-                status = f"diverged@{outcome.diverged[k]}"
-                tags = [RunTag("distnet.status", "diverged"), RunTag("distnet.diverged_step", str(outcome.diverged[k]))]
+                status = f"{schema.DIVERGED}@{outcome.diverged[k]}"
+                tags = [RunTag(schema.STATUS, schema.DIVERGED), RunTag(schema.DIVERGED_STEP, str(outcome.diverged[k]))]
             else:
-                status, tags = "finished", [RunTag("distnet.status", "finished")]
-            self._write(k, tags + [RunTag("distnet.all_reduce", outcome.all_reduce)])
+                status, tags = schema.FINISHED, [RunTag(schema.STATUS, schema.FINISHED)]
+            self._write(k, tags + [RunTag(schema.ALL_REDUCE, outcome.all_reduce)])
             retry_busy(self.client.set_terminated, self.runs[k].run_id, RunStatus.to_string(RunStatus.FINISHED))
             return {"status": status, "acc": self.latest_values[k].get(outcome.acc_key, float("nan")),
                     "ratio_init": ratio_init, "ratio_end": ratio_end, "run_id": self.runs[k].run_id, "error": ""}
@@ -611,7 +608,7 @@ def sweep_parent(uri: str, exp_id: str, name: str, sweep_id: str, params: dict[s
         retry_busy(client.update_run, run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return RunRef(run_id)
     run = retry_busy(client.create_run, exp_id, run_name=name,
-                       tags={"distnet.sweep_id": sweep_id, "distnet.kind": "sweep"})
+                       tags={schema.SWEEP_ID: sweep_id, schema.KIND: schema.SWEEP_KIND})
     write_batches(client, run.info.run_id, [], params=[Param(k, str(v)) for k, v in params.items()])
     return RunRef(run.info.run_id)
 
@@ -633,7 +630,7 @@ def child_runs(uri: str, parent_run_id: str) -> list:
     exp_id = client.get_run(parent_run_id).info.experiment_id
     runs, token = [], None
     while True:
-        page = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        page = client.search_runs([exp_id], f"tags.{schema.PARENT} = '{parent_run_id}'",
                                   max_results=1000, page_token=token)
         runs += list(page)
         token = page.token
@@ -665,20 +662,20 @@ def cell_summary(uri: str, run, n_layers: int, eval_prefix: str) -> dict:
     last step of its step table (logged with its final metrics; read from the step table itself for
     runs recorded before distnet logged it)."""
     metrics = run.data.metrics
-    if RATIO_INIT in metrics:
-        ratio_init, ratio_end = unstored(metrics[RATIO_INIT]), unstored(metrics[RATIO_END])
+    if schema.RATIO_INIT in metrics:
+        ratio_init, ratio_end = unstored(metrics[schema.RATIO_INIT]), unstored(metrics[schema.RATIO_END])
     else:
         table = steptable.read(MlflowClient(uri), run.info.run_id)
-        first, last = table.get("grad_norm/w/layer_1"), table.get(f"grad_norm/w/layer_{n_layers}")
+        first, last = table.get(schema.grad_norm("w", 1)), table.get(schema.grad_norm("w", n_layers))
         with np.errstate(all="ignore"):  # a diverged cell's last row: inf / inf
             ratio_init, ratio_end = ((float(np.float64(first[i]) / np.float64(last[i])) if first is not None
                                       and len(first) else float("nan")) for i in (0, -1))
-    status = run.data.tags.get("distnet.status") or run.info.status.lower()
+    status = schema.run_status(run.data.tags, run.info.status)
     return {
-        "status": status + (f"@{run.data.tags['distnet.diverged_step']}" if status == "diverged" else ""),
-        "acc": metrics.get(f"{eval_prefix}/acc", float("nan")),
+        "status": status + (f"@{run.data.tags[schema.DIVERGED_STEP]}" if status == schema.DIVERGED else ""),
+        "acc": metrics.get(schema.acc(eval_prefix), float("nan")),
         "ratio_init": ratio_init,
         "ratio_end": ratio_end,
         "run_id": run.info.run_id,
-        "error": run.data.tags.get("distnet.error", ""),
+        "error": run.data.tags.get(schema.ERROR, ""),
     }

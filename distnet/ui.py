@@ -39,7 +39,7 @@ from urllib.parse import urlencode
 
 from mlflow.tracking import MlflowClient
 
-from distnet import tracking
+from distnet import schema, tracking
 from distnet.config import config_hash
 
 WORKFLOW = {"workflowType": "machine_learning"}  # the model-training pages, not the GenAI ones
@@ -181,7 +181,7 @@ def cells_filter(parent_run_id: str, fixed: dict[str, str]) -> str:
     """The search filter for a sweep's cells with the values `fixed` (each cell carries a tag per
     grid axis, named by the dotted axis): not the parent run (no curves) nor the experiment's
     other sweeps and trainings."""
-    return " and ".join([f"tags.mlflow.parentRunId = '{parent_run_id}'"] +
+    return " and ".join([f"tags.{schema.PARENT} = '{parent_run_id}'"] +
                         [f"tags.`{a}` = '{v}'" for a, v in fixed.items()])
 
 
@@ -211,8 +211,8 @@ def chart_layout(metric_keys: set[str]) -> tuple[list[dict], list[dict]]:
                  "columns": 2, "cardHeight": 280},
                 {"uuid": "distnet-grad", "name": "weight-gradient norm per layer (grad_norm/w)", "display": True,
                  "isReordered": False, "columns": 3, "cardHeight": 300}]
-    main = [k for k in ("test/acc", "val/acc", "train/loss") if k in metric_keys]
-    grads = sorted((k for k in metric_keys if k.startswith("grad_norm/w/layer_")), key=_natural)
+    main = [k for k in [*map(schema.acc, schema.EVAL_PREFIXES), schema.TRAIN_LOSS] if k in metric_keys]
+    grads = sorted((k for k in metric_keys if k.startswith(schema.GRAD_NORM_W)), key=_natural)
     charts = [_line_chart(k, "distnet-main") for k in main] + [_line_chart(k, "distnet-grad", log=True) for k in grads]
     for key in sorted(metric_keys - set(main) - set(grads), key=_natural):
         prefix = key.rsplit("/", 1)[0] if "/" in key else "other"
@@ -226,7 +226,7 @@ def sweep_view(search_filter: str, axes: list[str], axis: str, metric_keys: set[
     """The saved view's state (search facets and UI state, as the UI saves them) for the cells
     `search_filter` finds (cells_filter)."""
     charts, sections = chart_layout(metric_keys)
-    acc = [f"metrics.`{k}`" for k in ("test/acc", "val/acc") if k in metric_keys]
+    acc = [f"metrics.`{k}`" for k in map(schema.acc, schema.EVAL_PREFIXES) if k in metric_keys]
     return {
         # Sorted by anything but the start time, the UI lists the cells flat (with it, it folds
         # children under their parent, out of the charts).
@@ -306,7 +306,7 @@ def targets(uri: str, selectors: list[str], group_by: str | None = None, aggrega
     out = []
     for selector in selectors:
         run = find(uri, selector)
-        if run.data.tags.get("distnet.kind") == "sweep":
+        if run.data.tags.get(schema.KIND) == schema.SWEEP_KIND:
             out.append(sweep_target(uri, run, group_by, aggregate, where))
         else:
             out.append(Target(f"run {run.info.run_name}", run.info.experiment_id, run_id=run.info.run_id))

@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from distnet import collective, data, metrics
+from distnet import collective, data, metrics, schema
 from distnet.config import Config
 from distnet.model import PopulationMLP, PopulationSGD, init_theta
 
@@ -143,7 +143,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
     scale = cfg.data.pixel_scale
     probe_x, probe_y = pixels(x[: tc.probe_size], scale), y[: tc.probe_size]
     eval_x = pixels(d["eval_x"], scale)
-    eval_prefix = "test" if cfg.data.split == "test" else "val"
+    eval_prefix = schema.eval_prefix(cfg.data.split)
 
     members = cfg.members
     model = PopulationMLP(cfg.sizes, cfg.model.activation, cfg.model.loss, init_theta(cfg.sizes, members).to(env.device))
@@ -228,7 +228,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
         for start, mean, peak in done:
             mean, peak = mean.cpu().numpy(), peak.cpu().numpy()
             values = {name: mean[:, j] for j, name in enumerate(names)}
-            values.update({metrics.max_name(name): peak[:, j] for j, name in enumerate(names)})
+            values.update({schema.max_name(name): peak[:, j] for j, name in enumerate(names)})
             sink.log(start, values, (div < 0) | (start <= div))
 
     def epoch_metrics(e: int, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -239,7 +239,7 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
         active = (diverged_at < 0).cpu().numpy()
         sink.log(e, values, active)
         if active.any():
-            sink.progress({"epoch": e, "acc": float(values[f"{eval_prefix}/acc"][active].mean())})
+            sink.progress({"epoch": e, "acc": float(values[schema.acc(eval_prefix)][active].mean())})
         return values
 
     def checkpoint(done: bool = False) -> None:
@@ -300,9 +300,9 @@ def train(cfg: Config, arrays: dict[str, np.ndarray], env: WorkerEnv, sink: Sink
         alive.logical_and_(torch.isfinite(train_loss))
         if sink is not None:
             loss_host = train_loss.cpu().numpy()  # a host sync: the epoch's steps are done
-            final = epoch_metrics(epoch, {"train/loss": loss_host,
-                                          "perf/epoch_s": np.full(P, time.perf_counter() - epoch_start),
-                                          "perf/max_rss_mb": np.full(P, max_rss_mb())})
+            final = epoch_metrics(epoch, {schema.TRAIN_LOSS: loss_host,
+                                          schema.EPOCH_S: np.full(P, time.perf_counter() - epoch_start),
+                                          schema.MAX_RSS_MB: np.full(P, max_rss_mb())})
         loss_sum.zero_()
         epoch += 1
         going = epoch <= tc.epochs and step < total_steps and bool(alive.any())  # one host sync per epoch

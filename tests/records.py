@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from distnet import steptable, tracking
+from distnet import schema, steptable
 
 PERF = {"perf/epoch_s", "perf/max_rss_mb"}  # timings: differ from run to run
 # A training in a Ray worker and the same training in the test process have differed in the last bit
@@ -31,7 +31,7 @@ def assert_run_holds(client: MlflowClient, run, recorded, k: int, rtol: float = 
     for step, values in recorded.logged:
         for key, v in values.items():
             logged.setdefault(key, []).append((step, float(v[k])))
-    keys = set(run.data.metrics) - PERF - {tracking.RATIO_INIT, tracking.RATIO_END}
+    keys = set(run.data.metrics) - PERF - {schema.RATIO_INIT, schema.RATIO_END}
     assert keys == set(logged) - PERF
     for key in keys:  # every value once, the training's
         history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from distnet import data, launch, metrics, steptable, sweep
+from distnet import data, launch, metrics, schema, steptable, sweep
 from distnet.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def assert_each_step_once(uri, run_id, steps, epochs, points=50) -> dict:
     np.testing.assert_array_equal(table["step"], np.arange(steps))
     every = metrics.interval(steps, points)
     for name in metrics.step_names(3):
-        for key in (name, metrics.max_name(name)):
+        for key in (name, schema.max_name(name)):
             assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(0, steps, every))
     for name in ["test/acc", "speed/layer_2", "act/std/layer_1", "train/loss"]:
         expected = list(range(epochs + 1)) if name != "train/loss" else list(range(1, epochs + 1))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from distnet import data, metrics, registry, worker
+from distnet import data, metrics, registry, schema, worker
 from distnet.config import Member, build_config
 from distnet.model import PopulationMLP, init_theta
 
@@ -165,9 +165,9 @@ def test_worker_records_every_steps_batch_loss_and_accuracy_before_its_update(mn
         model.theta.sub_(lr * model.grad)
         recorded_step, row = sink.steps[step]
         assert recorded_step == step
-        np.testing.assert_array_equal(row[metrics.BATCH_ACC], acc.astype(np.float32))
-        np.testing.assert_allclose(row[metrics.BATCH_LOSS], loss.numpy(), rtol=1e-6)
-    assert len(sink.steps) == 8 and len(set(sink.steps[0][1][metrics.BATCH_ACC])) > 1  # members differ
+        np.testing.assert_array_equal(row[schema.BATCH_ACC], acc.astype(np.float32))
+        np.testing.assert_allclose(row[schema.BATCH_LOSS], loss.numpy(), rtol=1e-6)
+    assert len(sink.steps) == 8 and len(set(sink.steps[0][1][schema.BATCH_ACC])) > 1  # members differ
 
 
 # ------------------------------------------------------------- populations

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 import records
 from conftest import RecordingSink, free_port, http_status
-from distnet import cli, data, launch, metrics, steptable, sweep, tracking, worker
+from distnet import cli, data, launch, metrics, schema, steptable, sweep, tracking, worker
 from distnet.config import config_hash, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,7 +220,7 @@ grid: {{model.depth: [1, 2], model.init: [xavier_normal, he_normal, lecun_normal
         assert row["acc"] == pytest.approx(float(sink.series("test/acc")[-1][1][k]), rel=1e-12)
         assert row["ratio_init"] == pytest.approx(first[0] / last[0], rel=1e-12)
         assert row["ratio_end"] == pytest.approx(first[-1] / last[-1], rel=1e-12)
-        assert run.data.metrics[tracking.RATIO_INIT] == row["ratio_init"]
+        assert run.data.metrics[schema.RATIO_INIT] == row["ratio_init"]
         assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
     for cell in sw.cells:

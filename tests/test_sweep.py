@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import yaml
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from distnet import config, launch, metrics, steptable, sweep
+from distnet import config, launch, metrics, schema, steptable, sweep
 from distnet.config import ConfigError, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,26 @@ def test_cases_set_several_keys_at_once_as_one_axis():
     with pytest.raises(ConfigError) as e:
         sweep.build_sweep({**raw, "cases": {"x": {"model.activation": "tahn"}}})
     assert e.value.field == "model.activation" and "'case': 'x'" in str(e.value)
+
+
+def test_a_rerun_trains_the_unfinished_cells_and_replaces_their_runs():
+    """sweep.select on listed runs (MLflow's Run shape: .data.tags, .info.status): a FINISHED run
+    makes its cell done, unless forced; every other run of a cell that trains is stale."""
+    sw = sweep.build_sweep({"model": {"width": 30}, "grid": {"model.depth": [1, 2, 3, 4]}})
+    a, b, c, d = sw.cells
+
+    def run(cell, status, run_id):
+        return SimpleNamespace(data=SimpleNamespace(tags={schema.CELL_ID: cell.id}), info=SimpleNamespace(status=status),
+                               run_id=run_id)
+
+    listed = [run(a, "FINISHED", "a1"), run(b, "FAILED", "b1"), run(b, "RUNNING", "b2"), run(c, "FAILED", "c1"),
+              run(c, "FINISHED", "c2"), run(c, "FINISHED", "c3"),
+              SimpleNamespace(data=SimpleNamespace(tags={}), info=SimpleNamespace(status="FINISHED"), run_id="x")]
+    todo, stale, finished = sweep.select(sw.cells, iter(listed))
+    assert todo == [b, d] and [r.run_id for r in stale] == ["b1", "b2"]
+    assert {k: r.run_id for k, r in finished.items()} == {a.id: "a1", c.id: "c2"}
+    todo, stale, finished = sweep.select(sw.cells, listed, force=True)
+    assert todo == [a, b, c, d] and [r.run_id for r in stale] == ["a1", "b1", "b2", "c1", "c2", "c3"] and not finished
 
 
 def test_bad_grid_fails_before_anything_with_the_field(tmp_path):

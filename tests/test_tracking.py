@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from packaging.requirements import Requirement
 
-from distnet import data, metrics, steptable, tracking, worker
+from distnet import data, metrics, schema, steptable, tracking, worker
 from distnet.config import build_config
 
 from conftest import RecordingSink
@@ -68,7 +68,7 @@ def test_step_tables_hold_every_step_and_mlflow_their_interval_summaries(mnist, 
             assert parts[:2] == [f"step_metrics/{steptable.part_name(0, 6)}", f"step_metrics/{steptable.part_name(7, 9)}"]
         for name in names:
             mean = {m.step: m.value for m in client.get_metric_history(run_id, name)}
-            peak = {m.step: m.value for m in client.get_metric_history(run_id, metrics.max_name(name))}
+            peak = {m.step: m.value for m in client.get_metric_history(run_id, schema.max_name(name))}
             starts = list(range(0, last + 1, every))  # a diverged member's series stops with it
             assert sorted(mean) == sorted(peak) == starts
             for s in starts:  # the summaries of the table's rows, the last interval cut at divergence
