@@ -42,7 +42,7 @@ class EpochClock:
     def progress(self, state):
         pass
 
-    def flush(self, midway=None):
+    def flush(self):
         pass
 
 
@@ -71,7 +71,7 @@ def main() -> None:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"backend {dist.get_backend()} world {world} device {name} torch {torch.__version__}")
         print(f"epoch times {[round(t, 4) for t in per_epoch]}")
-        print(f"median s/epoch (epochs 2+) {statistics.median(per_epoch[1:] or per_epoch):.4f}  steps {out['steps']}  {acc}")
+        print(f"median s/epoch (epochs 2+) {statistics.median(per_epoch[1:] or per_epoch):.4f}  steps {out.step}  {acc}")
     dist.destroy_process_group()
 
 

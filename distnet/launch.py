@@ -75,24 +75,33 @@ def on_drivers_node() -> dict:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
+@dataclass
+class Saved:
+    """What a lane's checkpoint holds beside its meta.json (which job, done or not): the loop's
+    state and rank 0's records not yet in MLflow (MlflowSink.state_dict)."""
+
+    loop: worker.TrainState
+    records: dict
+
+
 def _committer(rank: int, seq: int, sink: tracking.MlflowSink | None):
     """worker.train's commit: report a checkpoint to Ray Train (every rank must call report the
     same number of times; rank 0 alone writes one). It carries the loop state and rank 0's metrics
     not yet in MLflow, so a restarted worker loses and repeats nothing."""
 
-    def commit(state: dict, done: bool) -> None:
+    def commit(state: worker.TrainState, done: bool) -> None:
         if rank != 0:
             ray.train.report({}, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save({**state, "unflushed": sink.unflushed()}, Path(tmp) / "state.pt")
-            (Path(tmp) / "meta.json").write_text(json.dumps({"seq": seq, "done": done, "step": state["step"]}))
-            ray.train.report({"seq": seq, "step": state["step"], "done": done}, checkpoint=Checkpoint.from_directory(tmp))
+            torch.save(Saved(state, sink.state_dict()), Path(tmp) / "state.pt")
+            (Path(tmp) / "meta.json").write_text(json.dumps({"seq": seq, "done": done, "step": state.step}))
+            ray.train.report({"seq": seq, "step": state.step, "done": done}, checkpoint=Checkpoint.from_directory(tmp))
 
     return commit
 
 
-def _load_checkpoint(ckpt: Checkpoint) -> tuple[dict, dict]:
+def _load_checkpoint(ckpt: Checkpoint) -> tuple[dict, Saved]:
     with ckpt.as_directory() as d:
         return json.loads((Path(d) / "meta.json").read_text()), torch.load(Path(d) / "state.pt", weights_only=False)
 
@@ -114,20 +123,20 @@ def _train_loop(loop_config: dict) -> None:
         job = ray.get(ref)
         sink = _open_sink(uri, job, lane, ctx.get_experiment_name(), board, resume) if rank == 0 else None
         if done:  # trained before the restart; its last records are in the checkpoint
-            state = resume
+            state = resume.loop
         else:
             (arrays,) = ray.get([job.data])
             # As many torch threads as the CPUs the worker reserved (Ray leaves torch at 1 here).
             torch.set_num_threads(max(1, int(job.cfg.ray.cpus_per_worker)))
-            state = worker.train(job.cfg, arrays, env, sink, _committer(rank, seq, sink), resume)
+            state = worker.train(job.cfg, arrays, env, sink, _committer(rank, seq, sink), resume and resume.loop)
         if rank == 0:
             acc_key = schema.acc(schema.eval_prefix(job.cfg.data.split))
-            outcome = tracking.Outcome(worker.diverged_members(state["diverged_at"]), state["all_reduce"], acc_key)
+            outcome = tracking.Outcome(state.diverged, state.all_reduce, acc_key)
             ray.get(queue.done.remote(lane, seq, sink.close(outcome)))
         seq, resume, done = seq + 1, None, False
 
 
-def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: dict | None) -> tracking.MlflowSink:
+def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: Saved | None) -> tracking.MlflowSink:
     """Rank 0's sink for a job's runs. Where the training ran goes with its first records; a job
     picked up again (after a worker or a driver died) first writes what the dead group had not, and
     nothing MLflow holds is written again, even where Ray had not registered the group's last
@@ -136,9 +145,9 @@ def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: dict 
                                tags={schema.RAY_NODE: ray.get_runtime_context().get_node_id(),
                                      schema.LANE: str(lane), schema.TRAINER: trainer}, parent=job.parent)
     if resume is not None or job.resumed:
-        step = resume["step"] if resume is not None else 0
+        step = resume.loop.step if resume is not None else 0
         sink.tags.append(RunTag(schema.RESUMED_FROM_STEP, str(step)))
-        sink.restore(resume["unflushed"] if resume is not None else None)
+        sink.load_state_dict(resume.records if resume is not None else None)
         tracking.count_restart(uri, job.run_ids)
     return sink
 
@@ -240,14 +249,14 @@ def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, ad
         board = ProgressBoard.options(**on_drivers_node()).remote() if show_progress else None
         with tracking.ServerWatch(tracking_uri, say):
             result = fit_lane(cfg, queue, 0, tracking_uri, ray_name, board)
-        _, state = _load_checkpoint(result.checkpoint)
+        state = _load_checkpoint(result.checkpoint)[1].loop
     except Exception as e:
         tracking.fail_runs(tracking_uri, run_ids, e, cfg=cfg)
         raise
     if record is not None:
         record.unlink(missing_ok=True)
-    return TrainingResult(run_ids, state["theta"], {k: np.asarray(v).tolist() for k, v in state["final"].items()},
-                          state["step"], worker.diverged_members(state["diverged_at"]))
+    return TrainingResult(run_ids, state.theta, {k: np.asarray(v).tolist() for k, v in state.final.items()},
+                          state.step, state.diverged)
 
 
 # ---------------------------------------------------------------- sweeps

@@ -79,11 +79,11 @@ class IntervalStats:
         self.n = 0
         return out
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         return {"sum": self.sum.cpu(), "max": self.max.cpu(), "count": self.count.cpu(), "start": self.start,
                 "n": self.n}
 
-    def load(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         for name in ("sum", "max", "count"):
             getattr(self, name).copy_(state[name])
         self.start, self.n = state["start"], state["n"]

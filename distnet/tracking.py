@@ -368,7 +368,7 @@ def write_batches(client: MlflowClient, run_id: str, metrics: list[Row], tags: l
     """Append metric values (and set tags and params) with MLflow's log_batch, within its limits a
     call (1000 entities, of them 100 params and 100 tags). Each call is one transaction (so
     retry_busy never writes one twice); values are in step order, so a crash between calls leaves
-    every key holding all its steps up to some step (what MlflowSink.restore relies on). The tags
+    every key holding all its steps up to some step (what MlflowSink.load_state_dict relies on). The tags
     and params go with the last call, unless they would not fit there."""
     chunks = [metrics[i:i + MAX_METRICS_PER_BATCH] for i in range(0, len(metrics), MAX_METRICS_PER_BATCH)]
     last = chunks.pop() if chunks else []
@@ -443,7 +443,7 @@ class MlflowSink:
         # Each member's first and latest step-table row (step, values): the summary's gradient ratio.
         self.first: list[tuple[int, np.ndarray] | None] = [None] * len(runs)
         self.latest: list[tuple[int, np.ndarray] | None] = [None] * len(runs)
-        self.written_upto: list[dict[str, int]] = [{} for _ in runs]  # filled by restore()
+        self.written_upto: list[dict[str, int]] = [{} for _ in runs]  # filled by load_state_dict()
         self.latest_values: list[dict[str, float]] = [{} for _ in runs]  # each key's value at its last step
         self.tags = [RunTag(k, v) for k, v in (tags or {}).items()]  # go with the next log_batch
         self.on_progress = on_progress
@@ -476,13 +476,13 @@ class MlflowSink:
         if self.on_progress is not None:
             self.on_progress(state)
 
-    def unflushed(self) -> dict:
+    def state_dict(self) -> dict:
         """What log() and log_steps() hold that flush() has not written: goes into the checkpoint."""
         return {"metrics": [list(buf) for buf in self.buffers], "columns": list(self.columns),
                 "rows": [r.block() for r in self.rows], "first": list(self.first), "latest": list(self.latest)}
 
-    def restore(self, unflushed: dict | None) -> None:
-        """After a restart, from a checkpoint: write its unflushed metrics and rows, and from now on
+    def load_state_dict(self, unflushed: dict | None) -> None:
+        """After a restart, from a checkpoint's state_dict(): write its metrics and rows, and from now on
         skip every (key, step) MLflow already holds. Each key's steps are written in order, one
         atomic log_batch at a time, so what MLflow holds of a key is all steps up to its last one.
         The dead group may have got past the checkpoint we resume from (Ray registers a reported
@@ -521,7 +521,7 @@ class MlflowSink:
             self.buffers[k].append(row)
             self.latest_values[k][row[0]] = row[1]  # a key's rows come in step order
 
-    def _write(self, k: int, end_tags: list[RunTag] = ()) -> None:
+    def write(self, k: int, end_tags: list[RunTag] = ()) -> None:
         """Member k's step-table part (one upload), the first time its `config.yaml` (one upload),
         and its metrics, tags and the first time params (one log_batch, more only past MLflow's
         limits a call). The step-table part goes first: the upload's read of the run is then made
@@ -545,16 +545,9 @@ class MlflowSink:
             self.collector.metrics(k, self.buffers[k])
         self.buffers[k].clear()
 
-    def flush(self, midway: Callable[[], None] | None = None) -> None:
-        """Every member's records, concurrently. `midway` (fault injection) runs once the first
-        member's are written, while the others' may still be in flight."""
-        members = range(len(self.runs))
-        if midway is None:
-            concurrent(self.uri, self._write, members)
-        else:
-            self._write(0)
-            midway()
-            concurrent(self.uri, self._write, members[1:])
+    def flush(self) -> None:
+        """Every member's records, concurrently."""
+        concurrent(self.uri, self.write, range(len(self.runs)))
         self.tags = []
 
     def ratios(self, k: int) -> tuple[float, float]:
@@ -583,7 +576,7 @@ class MlflowSink:
                 tags = [RunTag(schema.STATUS, schema.DIVERGED), RunTag(schema.DIVERGED_STEP, str(outcome.diverged[k]))]
             else:
                 status, tags = schema.FINISHED, [RunTag(schema.STATUS, schema.FINISHED)]
-            self._write(k, tags + [RunTag(schema.ALL_REDUCE, outcome.all_reduce)])
+            self.write(k, tags + [RunTag(schema.ALL_REDUCE, outcome.all_reduce)])
             retry_busy(self.client.set_terminated, self.runs[k].run_id, RunStatus.to_string(RunStatus.FINISHED))
             return {"status": status, "acc": self.latest_values[k].get(outcome.acc_key, float("nan")),
                     "ratio_init": ratio_init, "ratio_end": ratio_end, "run_id": self.runs[k].run_id, "error": ""}

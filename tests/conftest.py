@@ -50,7 +50,7 @@ class RecordingSink:
     def progress(self, state):
         pass
 
-    def flush(self, midway=None):
+    def flush(self):
         pass
 
     def series(self, name: str) -> list[tuple[int, np.ndarray]]:

@@ -216,7 +216,7 @@ def test_two_workers_on_two_hosts_equal_one_worker(two_node_cluster, tmp_path):
     assert [s for s, _ in sink.steps] == list(range(20))
     for name in sink.steps[0][1]:  # the same trajectory: every step's norms and global batch loss
         np.testing.assert_allclose(t2[name], [v[name][0] for _, v in sink.steps], rtol=1e-5, err_msg=name)
-    assert two.data.metrics["test/acc"] == pytest.approx(float(one["final"]["test/acc"][0]), abs=1e-3)
+    assert two.data.metrics["test/acc"] == pytest.approx(float(one.final["test/acc"][0]), abs=1e-3)
 
 
 def node_ids(c: dict) -> dict[str, str]:

@@ -79,7 +79,7 @@ class Rows:
     def progress(self, state):
         pass
 
-    def flush(self, midway=None):
+    def flush(self):
         pass
 
     def table(self) -> dict[str, np.ndarray]:
@@ -95,8 +95,8 @@ def train(cfg, device: str) -> tuple[dict, dict[str, np.ndarray]]:
 def assert_same(a: tuple, b: tuple, rtol: float) -> None:
     """Parameters, divergence and every per-step record of two trainings."""
     (out_a, rows_a), (out_b, rows_b) = a, b
-    torch.testing.assert_close(out_a["theta"], out_b["theta"], rtol=rtol, atol=rtol * 1e-1)
-    assert torch.equal(out_a["diverged_at"], out_b["diverged_at"])
+    torch.testing.assert_close(out_a.theta, out_b.theta, rtol=rtol, atol=rtol * 1e-1)
+    assert torch.equal(out_a.diverged_at, out_b.diverged_at)
     assert set(rows_a) == set(rows_b) == set(metrics.step_names(len(SIZES) - 1))
     for name in rows_a:
         np.testing.assert_allclose(rows_a[name], rows_b[name], rtol=rtol, err_msg=name)
@@ -106,9 +106,9 @@ def test_cuda_eager_equals_cpu():
     needs_cuda()
     cpu = train(config(False), "cpu")
     cuda = train(config(True), "cuda")
-    assert cuda[0]["step"] == 20
+    assert cuda[0].step == 20
     assert_same(cuda, cpu, rtol=1e-5)
-    assert (cpu[0]["theta"] - worker.init_theta(SIZES, config(False).members)).abs().max() > 1e-2  # it trained
+    assert (cpu[0].theta - worker.init_theta(SIZES, config(False).members)).abs().max() > 1e-2  # it trained
 
 
 def test_cuda_graph_equals_eager_and_warmup_leaves_no_trace():
@@ -127,10 +127,10 @@ def test_diverged_member_is_frozen_under_graph_replay_as_in_eager_mode():
     population = [{"seed": 0}, {"seed": 1, "lr": 1e4}]  # member 1 diverges within a few steps
     eager = train(config(True, population=population), "cuda")
     graph = train(config(True, graph=True, population=population), "cuda")
-    diverged = worker.diverged_members(eager[0]["diverged_at"])
+    diverged = worker.diverged_members(eager[0].diverged_at)
     assert list(diverged) == [1] and diverged[1] < 15
     assert_same(graph, eager, rtol=1e-6)
-    assert torch.isfinite(graph[0]["theta"]).all()  # frozen where it diverged, not NaN
+    assert torch.isfinite(graph[0].theta).all()  # frozen where it diverged, not NaN
     assert np.isnan(graph[1]["grad_norm/w/layer_1"][diverged[1] + 1:, 1]).all()  # its rows end there
 
 
@@ -168,14 +168,14 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     try:
         result = worker.train(config(True, workers=world), arrays(), worker.WorkerEnv(rank, world, device), None)
         if rank == 0:
-            torch.save(result["theta"], out)
+            torch.save(result.theta, out)
     finally:
         dist.destroy_process_group()
 
 
 def test_two_process_distributed_run_equals_one_process():
     needs_cuda()
-    one = train(config(True), "cuda")[0]["theta"]
+    one = train(config(True), "cuda")[0].theta
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "theta.pt")
         mp.spawn(_rank, args=(2, free_port(), out), nprocs=2, join=True)

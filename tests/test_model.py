@@ -174,7 +174,7 @@ def test_worker_records_every_steps_batch_loss_and_accuracy_before_its_update(mn
 def run_loop(mnist, raw):
     cfg = build_config(raw)
     arrays = data.select(mnist, "test", cfg.data.train_limit, cfg.data.eval_limit)
-    return worker.train(cfg, arrays, worker.WorkerEnv(), None)["theta"]
+    return worker.train(cfg, arrays, worker.WorkerEnv(), None).theta
 
 
 def test_member_k_of_population_equals_solo_run(mnist):
@@ -269,7 +269,7 @@ def test_worker_logs_the_jacobian_spectrum_at_init_and_each_epoch_only_when_aske
     assert [s for s, _ in sinks[True].series("jacobian/spread")] == [0, 1, 2]  # init and each epoch's end
     at_init = metrics.jacobian(PopulationMLP(cfg.sizes, "tanh", "softmax_ce", init_theta(cfg.sizes, cfg.members)),
                                torch.tensor(arrays["train_x"][:metrics.JACOBIAN_INPUTS], dtype=torch.float32) / 255.0)
-    at_end = metrics.jacobian(PopulationMLP(cfg.sizes, "tanh", "softmax_ce", out["theta"].clone()),
+    at_end = metrics.jacobian(PopulationMLP(cfg.sizes, "tanh", "softmax_ce", out.theta.clone()),
                               torch.tensor(arrays["train_x"][:metrics.JACOBIAN_INPUTS], dtype=torch.float32) / 255.0)
     for (step, logged), want in zip(sinks[True].series("jacobian/mean")[::2], (at_init, at_end)):
         np.testing.assert_allclose(logged, want["jacobian/mean"], rtol=1e-6, err_msg=str(step))

@@ -47,9 +47,9 @@ def test_step_tables_hold_every_step_and_mlflow_their_interval_summaries(mnist, 
     run_ids = [r.run_id for r in runs]
     recorded, sink = RecordingSink(), tracking.MlflowSink(tracking_uri, cfg, runs)
     out = worker.train(cfg, arrays, worker.WorkerEnv(), Tee(sink, recorded))
-    diverged = worker.diverged_members(out["diverged_at"])
-    summary = sink.close(tracking.Outcome(diverged, out["all_reduce"], "test/acc"))
-    assert out["step"] == 30 and list(diverged) == [1] and diverged[1] < 25
+    diverged = worker.diverged_members(out.diverged_at)
+    summary = sink.close(tracking.Outcome(diverged, out.all_reduce, "test/acc"))
+    assert out.step == 30 and list(diverged) == [1] and diverged[1] < 25
     client = MlflowClient(tracking_uri)
     names = metrics.step_names(3)
     every = metrics.interval(30, 7)
@@ -98,7 +98,7 @@ def test_step_tables_hold_every_step_and_mlflow_their_interval_summaries(mnist, 
 
 def test_sink_restore_writes_what_the_checkpoint_held_once(tracking_uri):
     """A flush that never happened (the worker died after its checkpoint) is redone from the
-    checkpoint's `unflushed`; what MLflow already holds is not written again; a step-table part
+    checkpoint's sink state; what MLflow already holds is not written again; a step-table part
     written again replaces itself."""
     cfg = build_config({"model": {"sizes": [784, 10]}})
     (run,) = tracking.create_runs(tracking_uri, cfg)
@@ -111,10 +111,10 @@ def test_sink_restore_writes_what_the_checkpoint_held_once(tracking_uri):
     sink.flush()
     sink.log_steps([3, 4], {k: v[:2] + 10 for k, v in cols.items()}, np.ones((2, 1), bool))
     sink.log(3, {"grad_norm/w/layer_1": np.array([11.5])}, np.ones(1, bool))
-    held = sink.unflushed()  # the checkpoint; then the worker dies before flushing
+    held = sink.state_dict()  # the checkpoint; then the worker dies before flushing
     for _ in range(2):  # the second time, as if the restarted worker had died after its flush
         again = tracking.MlflowSink(tracking_uri, cfg, [run])
-        again.restore(held)
+        again.load_state_dict(held)
         history = client.get_metric_history(run_id, "grad_norm/w/layer_1")
         assert sorted((m.step, m.value) for m in history) == [(0, 2.0), (3, 11.5)]
         table = steptable.read(client, run_id)

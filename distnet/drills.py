@@ -1,0 +1,70 @@
+"""Fault drills (`fault.*` in the config): kill a rank, raise, or trace where an attempt starts.
+
+The loop calls two hooks: `at_step` before the steps in `steps` (no other step pays for a drill),
+and `at_flush` before each flush of rank 0's records. What the fault-tolerance tests and chaos
+drills check resumption, sharding and half-written records with; off by default, when `steps` is
+empty and `at_flush` returns at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from distnet.config import FaultConfig
+
+
+class MemberWriter(Protocol):
+    """A sink that writes member by member (tracking.MlflowSink)."""
+
+    def write(self, k: int) -> None:
+        """Member k's buffered records, now."""
+
+
+class Drills:
+    def __init__(self, fault: FaultConfig, rank: int, first_step: int):
+        self.fault, self.rank, self.first_step = fault, rank, first_step
+        killing = fault.kill_at_step is not None and fault.kill_rank == rank and not fault.kill_in_flush
+        self.steps = frozenset(s for s, on in [(fault.raise_at_step, fault.raise_at_step is not None),
+                                               (fault.kill_at_step, killing), (first_step, bool(fault.trace))] if on)
+
+    def at_step(self, step: int, batch: torch.Tensor) -> None:
+        """Before `step` (one of `steps`), whose local batch is `batch`: trace the attempt's first
+        step, then kill or raise where the config says."""
+        f = self.fault
+        if step == self.first_step and f.trace:
+            path = Path(f.trace) / f"rank{self.rank}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as out:
+                out.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "first_step": step,
+                                      "batch": batch.tolist()}) + "\n")
+        if step == f.kill_at_step and f.kill_rank == self.rank and not f.kill_in_flush and self._armed():
+            self._kill()
+        if step == f.raise_at_step:
+            raise RuntimeError(f"fault injection: fault.raise_at_step={step}")
+
+    def at_flush(self, sink: MemberWriter, step: int) -> None:
+        """Before a flush at `step`: with fault.kill_in_flush, the first flush at or after
+        kill_at_step writes the first member's records and dies before the others' (a writer that
+        dies half-way through)."""
+        f = self.fault
+        if (f.kill_in_flush and f.kill_at_step is not None and f.kill_rank == self.rank and step >= f.kill_at_step
+                and self._armed()):
+            sink.write(0)
+            self._kill()
+
+    def _armed(self) -> bool:
+        """Not killed before: the marker file (if any) is not there yet."""
+        return not (self.fault.once_marker and os.path.exists(self.fault.once_marker))
+
+    def _kill(self) -> None:
+        """SIGKILL this worker, once per marker file."""
+        if self.fault.once_marker:
+            Path(self.fault.once_marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
