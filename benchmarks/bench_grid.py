@@ -36,7 +36,7 @@ import numpy as np
 import ray
 from mlflow.tracking import MlflowClient
 
-from distnet import launch, steptable, sweep, tracking
+from distnet import launch, steptable, sweep, tracking, tracking_server
 from distnet.ui import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,9 +113,9 @@ class Server:
     def __enter__(self):
         subprocess.run(["bash", str(ROOT / "cluster/mlflow_server.sh"), "start", str(self.state)], env=self.env,
                        check=True, timeout=120)
-        tracking.wait_for_server(self.uri, log=self.log)
+        tracking_server.wait_for_server(self.uri, log=self.log)
         if (self.state / "credentials").exists():
-            self.login = tracking.Login.from_file(self.state / "credentials").environ()
+            self.login = tracking_server.Login.from_file(self.state / "credentials").environ()
             os.environ.update(self.login)
         return self
 

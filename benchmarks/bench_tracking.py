@@ -32,7 +32,7 @@ import numpy as np
 import ray
 from mlflow.tracking import MlflowClient
 
-from distnet import launch, steptable, sweep, tracking
+from distnet import launch, steptable, sweep, tracking, tracking_server
 from distnet.ui import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def chart_query(uri: str, run_ids: list[str], reps: int = 3) -> float:
                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        tracking.wait_for_server(base, log=log)
+        tracking_server.wait_for_server(base, log=log)
         query = "&".join([f"run_ids={r}" for r in run_ids[:100]] +
                          ["metric_key=grad_norm%2Fw%2Flayer_1", "max_results=320"])
         url = f"{base}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval?{query}"
@@ -114,7 +114,7 @@ def pg_sweep(work: Path, cells: int) -> dict:
     try:
         subprocess.run(["bash", str(script), "start", str(state)], env=env, check=True, timeout=120)
         uri = f"http://127.0.0.1:{port}"
-        tracking.wait_for_server(uri, log=state / "mlflow.log")
+        tracking_server.wait_for_server(uri, log=state / "mlflow.log")
         seeds = cells // 8
         sw = sweep.build_sweep({
             "name": f"pg{cells}", "model": {"width": 16, "activation": "tanh"}, "train": {"epochs": 1},

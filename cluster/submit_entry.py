@@ -25,11 +25,11 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     # Workers on other nodes must reach the server: the head's address, not localhost.
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"http://{socket.gethostbyname(socket.gethostname())}:5000")
-    from distnet import tracking
+    from distnet import tracking_server
     from distnet.cli import main as distnet_main
 
-    if tracking.USERNAME not in os.environ and CREDENTIALS.exists():
-        tracking.Login.from_file(CREDENTIALS).install()
+    if tracking_server.USERNAME not in os.environ and CREDENTIALS.exists():
+        tracking_server.Login.from_file(CREDENTIALS).install()
 
     return distnet_main(sys.argv[1:] + ["--address", "auto"])
 

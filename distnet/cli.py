@@ -18,12 +18,12 @@ EXIT_BAD_INPUT = 2
 
 def _tracking_uri(args) -> str:
     """--tracking-uri or its default; a server's, once it has taken our login (before anything starts)."""
-    from distnet import tracking
+    from distnet import tracking_server
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    uri = tracking_server.resolve_tracking_uri(args.tracking_uri)
     try:
-        tracking.check_login(uri)
-    except tracking.LoginError as e:
+        tracking_server.check_login(uri)
+    except tracking_server.LoginError as e:
         print(f"distnet: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     return uri
@@ -31,7 +31,7 @@ def _tracking_uri(args) -> str:
 
 def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # before anything starts
-    from distnet import launch, tracking, ui  # heavy imports (Ray, MLflow) only once the config is good
+    from distnet import launch, ui  # heavy imports (Ray, MLflow) only once the config is good
 
     uri = _tracking_uri(args)
     population = len(cfg.members)
@@ -63,7 +63,7 @@ def _sweep(args) -> int:
 
 
 def _report(args) -> int:
-    from distnet import report, tracking, ui
+    from distnet import report, ui
 
     uri = _tracking_uri(args)
     out = Path(args.out or Path("reports") / "_".join(args.runs)[:80])
@@ -80,7 +80,7 @@ def _report(args) -> int:
 
 
 def _ui(args) -> int:
-    from distnet import tracking, ui
+    from distnet import tracking_server, ui
 
     uri = _tracking_uri(args)
     try:
@@ -88,10 +88,10 @@ def _ui(args) -> int:
     except ui.UIError as e:
         print(f"distnet: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if tracking.is_server(uri):  # someone else's server: nothing to serve
+    if tracking_server.is_server(uri):  # someone else's server: nothing to serve
         for t in targets:
             print(f"{t.label}: {t.url(uri)}")
-        if hint := tracking.login_hint(uri):
+        if hint := tracking_server.login_hint(uri):
             print(hint)
         return 0
     # The server runs in a session of its own (so that it stops as a whole): Ctrl-C, or a plain

@@ -33,7 +33,7 @@ from mlflow.entities import RunTag
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from distnet import data, download, network, schema, sweep, tracking, worker
+from distnet import data, download, network, schema, sweep, tracking, tracking_server, worker
 from distnet.config import Config, config_hash
 from distnet.lanes import JobQueue, ProgressBoard
 from distnet.progress import ProgressPrinter
@@ -198,7 +198,7 @@ def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri:
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"queue": queue, "lane": lane, "tracking_uri": tracking_uri, "board": board,
-                           "login": tracking.Login.from_env()},
+                           "login": tracking_server.Login.from_env()},
         scaling_config=scaling_config(cfg),
         torch_config=PinnedTorchConfig(),
         run_config=RunConfig(name=name,
@@ -247,7 +247,7 @@ def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, ad
         entries = [(ray.put(Job(cfg, runs, ray.put(arrays), resumed)), run_ids)]  # held while it trains
         queue = JobQueue.options(**on_drivers_node()).remote(entries)
         board = ProgressBoard.options(**on_drivers_node()).remote() if show_progress else None
-        with tracking.ServerWatch(tracking_uri, say):
+        with tracking_server.ServerWatch(tracking_uri, say):
             result = fit_lane(cfg, queue, 0, tracking_uri, ray_name, board)
         state = _load_checkpoint(result.checkpoint)[1].loop
     except Exception as e:
@@ -369,7 +369,7 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
         for t in pending:
             t.start()
         shown = None
-        with tracking.ServerWatch(tracking_uri, say):
+        with tracking_server.ServerWatch(tracking_uri, say):
             while pending:
                 pending[0].join(timeout=1.0)
                 pending = [t for t in pending if t.is_alive()]

@@ -39,7 +39,7 @@ from urllib.parse import urlencode
 
 from mlflow.tracking import MlflowClient
 
-from distnet import schema, tracking
+from distnet import schema, tracking, tracking_server
 from distnet.config import config_hash
 
 WORKFLOW = {"workflowType": "machine_learning"}  # the model-training pages, not the GenAI ones
@@ -318,12 +318,12 @@ def open_hint(uri: str, selectors: list[str]) -> list[str]:
     store is already served over HTTP, the links themselves."""
     command = " ".join(["distnet ui", *selectors, "--tracking-uri", uri])
     lines = [f"open the UI: {command}"]
-    if tracking.is_server(uri):  # its UI is there already
+    if tracking_server.is_server(uri):  # its UI is there already
         try:
             lines += [f"  {t.label}: {t.url(uri)}" for t in targets(uri, selectors)]
         except Exception as e:  # the work is done and logged: a link that cannot be made is no failure
             lines.append(f"  (no link: {type(e).__name__}: {e})")
-        if hint := tracking.login_hint(uri):
+        if hint := tracking_server.login_hint(uri):
             lines.append(f"  {hint}")
     return lines
 
@@ -338,7 +338,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve(uri: str, port: int = 0, log: Path | None = None) -> Iterator[str]:
     """The base URL of a local `mlflow server` on loopback (port `port`, or a free one) over the store
-    `uri`, stopped on exit. (A server's own URI needs none: `tracking.is_server`.)"""
+    `uri`, stopped on exit. (A server's own URI needs none: `tracking_server.is_server`.)"""
     port = port or free_port()
     log = log or Path(tempfile.mkstemp(prefix="distnet-ui-", suffix=".log")[1])
     # Without the job runner (the GenAI judges' queue, eight worker processes): browsing runs needs
@@ -350,7 +350,7 @@ def serve(uri: str, port: int = 0, log: Path | None = None) -> Iterator[str]:
                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        tracking.wait_for_server(base, log=log, process=server)
+        tracking_server.wait_for_server(base, log=log, process=server)
         yield base
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 import hosts
 import records
 from conftest import RecordingSink, free_port
-from distnet import data, steptable, sweep, tracking, worker
+from distnet import data, steptable, sweep, tracking_server, worker
 from distnet.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def two_node_cluster(tmp_path, monkeypatch):
             start_server()
             # The server's login, as the cluster files hand it to the head's Ray (its jobs' drivers
             # inherit it) and as a user on the head has it; the second host gets it from distnet only.
-            login = tracking.Login.from_file(state / "credentials").environ()
+            login = tracking_server.Login.from_file(state / "credentials").environ()
             # Its agents on free ports: a Ray of this test session on the same host holds the
             # defaults (the job agent's 52365 among them), and `ray job submit` found no agent.
             agent_ports = [f"--{flag}={free_port()}" for flag in (
@@ -116,7 +116,7 @@ def two_node_cluster(tmp_path, monkeypatch):
                  "--temp-dir", str(temp / "head"), "--include-dashboard", "true"], {**env, **login})
             start_node2()
             uri = f"http://{tracker.address}:5000"
-            tracking.wait_for_server(uri, log=state / "mlflow.log")
+            tracking_server.wait_for_server(uri, log=state / "mlflow.log")
             for key, value in login.items():  # for this process's own MLflow clients
                 monkeypatch.setenv(key, value)
             yield {"env": {**env, **login}, "dashboard": f"http://{head_ip}:{dash}", "gcs": f"{head_ip}:{gcs}", "mlflow": uri,
@@ -169,7 +169,7 @@ grid: {model.depth: [1, 2], seed: [0, 1, 2]}
     # The driver had the tracking server's login from the head's Ray, and neither it nor Ray said it.
     logs = run([str(BIN / "ray"), "job", "logs", "--address", c["dashboard"], job_id], c["env"]).stdout
     assert "summary.csv logged to the sweep's parent run" in logs
-    assert os.environ[tracking.PASSWORD] not in logs
+    assert os.environ[tracking_server.PASSWORD] not in logs
     client = MlflowClient(c["mlflow"])
     exp = client.get_experiment_by_name("cluster")
     cells = client.search_runs([exp.experiment_id], "tags.`distnet.cell_id` != ''")

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 import records
 from conftest import RecordingSink, free_port, http_status
-from distnet import cli, data, launch, metrics, schema, steptable, sweep, tracking, worker
+from distnet import cli, data, launch, metrics, schema, steptable, sweep, tracking, tracking_server, worker
 from distnet.config import config_hash, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +54,9 @@ def postgres_mlflow():
     try:
         subprocess.run(["bash", str(SCRIPT), "start", str(state)], env=env, check=True, timeout=120)
         uri = f"http://127.0.0.1:{port}"
-        tracking.wait_for_server(uri, log=state / "mlflow.log")
+        tracking_server.wait_for_server(uri, log=state / "mlflow.log")
         with pytest.MonkeyPatch.context() as mp:
-            for key, value in tracking.Login.from_file(state / "credentials").environ().items():
+            for key, value in tracking_server.Login.from_file(state / "credentials").environ().items():
                 mp.setenv(key, value)
             yield Server(uri, state, env)
     finally:
@@ -82,8 +82,8 @@ def test_postgres_backed_server_takes_a_104_cell_sweep_from_concurrent_trainings
     runs = tracking.child_runs(uri, result.parent_run_id)
     assert len(runs) == 104 and len({r.data.tags["distnet.cell_id"] for r in runs}) == 104
     # The trainings wrote with the login that distnet handed them: Ray's workers have none of their own.
-    password = os.environ[tracking.PASSWORD]
-    assert ray.get(ray.remote(lambda: tracking.PASSWORD in os.environ).remote()) is False
+    password = os.environ[tracking_server.PASSWORD]
+    assert ray.get(ray.remote(lambda: tracking_server.PASSWORD in os.environ).remote()) is False
     # ... and it is nowhere in the records or in what the driver said.
     parent = client.get_run(result.parent_run_id)
     assert not any(password in str(v) for v in [*said, *parent.data.params.values(), *parent.data.tags.values()])
@@ -232,7 +232,7 @@ def test_the_server_answers_only_its_login_and_its_own_host_names(postgres_mlflo
     Host header that is none of this host's names (DNS rebinding), the admin's generated password
     kept readable by its user only."""
     uri = postgres_mlflow.uri
-    user, password = os.environ[tracking.USERNAME], os.environ[tracking.PASSWORD]
+    user, password = os.environ[tracking_server.USERNAME], os.environ[tracking_server.PASSWORD]
     port = uri.rsplit(":", 1)[1]
 
     def status(login: tuple[str, str] | None, host: str | None = None) -> int:
@@ -257,9 +257,9 @@ def test_a_driver_without_the_login_stops_before_anything_starts(postgres_mlflow
     """`distnet sweep` against the server without its login, or with a wrong one: a clear error
     (exit 2) that says which variables to set and where a cluster keeps them, shows no password,
     and nothing written to the server."""
-    env = {k: v for k, v in os.environ.items() if k not in (tracking.USERNAME, tracking.PASSWORD)}
+    env = {k: v for k, v in os.environ.items() if k not in (tracking_server.USERNAME, tracking_server.PASSWORD)}
     if login:
-        env |= {tracking.USERNAME: login[0], tracking.PASSWORD: login[1]}
+        env |= {tracking_server.USERNAME: login[0], tracking_server.PASSWORD: login[1]}
     spec = tmp_path / "nologin.yaml"
     spec.write_text("name: nologin\nmodel: {width: 16}\nmlflow: {experiment: nologin}\ngrid: {model.depth: [1, 2]}\n")
     proc = subprocess.run([sys.executable, "-m", "distnet.cli", "sweep", str(spec), "--tracking-uri",
@@ -290,5 +290,5 @@ def test_a_lost_credentials_file_stops_the_server_from_starting_with_a_new_passw
         credentials.write_bytes(kept)
         credentials.chmod(0o600)
         subprocess.run(["bash", str(SCRIPT), "start", str(server.state)], env=server.env, check=True, timeout=120)
-        tracking.wait_for_server(server.uri, log=server.state / "mlflow.log")
+        tracking_server.wait_for_server(server.uri, log=server.state / "mlflow.log")
     assert MlflowClient(server.uri).search_experiments(max_results=1) is not None  # the login of the first start

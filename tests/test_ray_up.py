@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 import hosts
 from conftest import http_status
-from distnet import steptable, tracking
+from distnet import steptable, tracking_server
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -145,7 +145,7 @@ grid: {model.depth: [1, 2], seed: [0, 1]}
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HOME": str(laptop), "RAY_TMPDIR": str(laptop),
            "RAY_USAGE_STATS_ENABLED": "0",  # the launcher reports nothing anywhere
            "TMPDIR": str(laptop)}
-    for k in (tracking.USERNAME, tracking.PASSWORD, "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE",
+    for k in (tracking_server.USERNAME, tracking_server.PASSWORD, "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE",
               "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
     token = launcher("get-auth-token", "--generate", cwd=work, env=env).stdout.strip()
@@ -169,7 +169,7 @@ grid: {model.depth: [1, 2], seed: [0, 1]}
                    env=env).stdout
     submit_s = time.time() - started
     assert "sweep upsweep: 4 cells, 0 already finished, 4 to train" in out
-    for key_, value in tracking.Login.from_file(root / head.hostname / "home" / "mlflow" / "credentials").environ().items():
+    for key_, value in tracking_server.Login.from_file(root / head.hostname / "home" / "mlflow" / "credentials").environ().items():
         monkeypatch.setenv(key_, value)
     client = MlflowClient(f"http://{head.address}:5000")
     exp = client.get_experiment_by_name("upsweep")
