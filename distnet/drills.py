@@ -30,9 +30,11 @@ class MemberWriter(Protocol):
 class Drills:
     def __init__(self, fault: FaultConfig, rank: int, first_step: int):
         self.fault, self.rank, self.first_step = fault, rank, first_step
-        killing = fault.kill_at_step is not None and fault.kill_rank == rank and not fault.kill_in_flush
-        self.steps = frozenset(s for s, on in [(fault.raise_at_step, fault.raise_at_step is not None),
-                                               (fault.kill_at_step, killing), (first_step, bool(fault.trace))] if on)
+        # This rank's kill: at a step, or in the first flush from that step on (None: not this rank's).
+        mine = fault.kill_at_step if fault.kill_rank == rank else None
+        self.kill_step, self.kill_flush_from = (None, mine) if fault.kill_in_flush else (mine, None)
+        self.steps = frozenset(s for s in (fault.raise_at_step, self.kill_step, first_step if fault.trace else None)
+                               if s is not None)
 
     def at_step(self, step: int, batch: torch.Tensor) -> None:
         """Before `step` (one of `steps`), whose local batch is `batch`: trace the attempt's first
@@ -44,7 +46,7 @@ class Drills:
             with path.open("a") as out:
                 out.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "first_step": step,
                                       "batch": batch.tolist()}) + "\n")
-        if step == f.kill_at_step and f.kill_rank == self.rank and not f.kill_in_flush and self._armed():
+        if step == self.kill_step and self._armed():
             self._kill()
         if step == f.raise_at_step:
             raise RuntimeError(f"fault injection: fault.raise_at_step={step}")
@@ -53,9 +55,7 @@ class Drills:
         """Before a flush at `step`: with fault.kill_in_flush, the first flush at or after
         kill_at_step writes the first member's records and dies before the others' (a writer that
         dies half-way through)."""
-        f = self.fault
-        if (f.kill_in_flush and f.kill_at_step is not None and f.kill_rank == self.rank and step >= f.kill_at_step
-                and self._armed()):
+        if self.kill_flush_from is not None and step >= self.kill_flush_from and self._armed():
             sink.write(0)
             self._kill()
 

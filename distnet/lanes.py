@@ -1,11 +1,11 @@
 """The two small actors a driver shares with its trainers: the job queue of the lanes and the board
 rank 0 posts its progress to.
 
-This module imports nothing but Ray and the record's names (distnet.schema), and the queue holds references to jobs rather than the jobs
-themselves (a job's config would import torch through the registry): an actor's process imports
-the module of its class and unpickles its arguments, so these actors start in a fraction of a
-second instead of the 3 s that importing torch, Ray Train and MLflow takes on a small machine, on
-the critical path of every training's start-up.
+This module imports nothing but Ray and the record's names (distnet.schema), and the queue holds
+references to jobs rather than the jobs themselves (a job's config would import torch through the
+registry): an actor's process imports the module of its class and unpickles its arguments, so these
+actors start in a fraction of a second instead of the 3 s that importing torch, Ray Train and MLflow
+takes on a small machine, on the critical path of every training's start-up.
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ class Run:
     @property
     def acc_series(self) -> dict[int, float]:
         """Accuracy by epoch: on the test set, or on the validation set where the run used one."""
-        return next((self.series[k] for k in map(schema.acc, schema.EVAL_PREFIXES) if k in self.series), {})
+        key = schema.held_out_acc(self.series)
+        return self.series[key] if key else {}
 
 
 @dataclass
@@ -135,8 +136,7 @@ def _variances(params: dict) -> tuple[float, float]:
 
 
 # A cell's records that the report reads: its epoch series and its step table's STEP_COLUMNS.
-RECORD_PREFIXES = (tuple(schema.layer(s, "") for s in schema.LAYER_SERIES) + tuple(map(schema.acc, schema.EVAL_PREFIXES))
-                   + (schema.JACOBIAN,)
+RECORD_PREFIXES = (tuple(schema.layer(s, "") for s in schema.LAYER_SERIES) + schema.ACC_KEYS + (schema.JACOBIAN,)
                    + tuple(cellrecords.STEP_PREFIX + c for c in cellrecords.STEP_COLUMNS))
 
 
@@ -144,7 +144,7 @@ def _listed(r, variant: str) -> tuple[Run, list[str]]:
     """A listed run's cell, from its tags, params and latest metrics, and the series keys to read."""
     tags, latest = r.data.tags, r.data.metrics
     depth = int(tags["depth"])
-    acc_key = next((k for k in map(schema.acc, schema.EVAL_PREFIXES) if k in latest), schema.acc("val"))
+    acc_key = schema.held_out_acc(latest) or schema.acc("val")
     run = Run(r.info.run_id, tags["activation"], tags["init"], depth, int(tags["seed"]),
               schema.run_status(tags, r.info.status), latest.get(acc_key, math.nan), variant=variant,
               case=tags.get(schema.CASE, ""))

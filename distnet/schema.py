@@ -20,7 +20,6 @@ GRAD_NORM_W = "grad_norm/w/"  # the prefix of the weights' gradient norms, one a
 LAYER_SERIES = ("speed", "act/saturated", "act/mean", "act/std")
 SPEED, SATURATED, ACT_MEAN, ACT_STD = LAYER_SERIES
 JACOBIAN = "jacobian/"  # the input-output Jacobian's spectrum (train.jacobian)
-EVAL_PREFIXES = ("test", "val")
 
 
 def layer(series: str, l: int) -> str:
@@ -55,6 +54,14 @@ def acc(prefix: str) -> str:
 
 def loss(prefix: str) -> str:
     return f"{prefix}/loss"
+
+
+ACC_KEYS = (acc("test"), acc("val"))  # a run's held-out accuracy is under one of these
+
+
+def held_out_acc(keys) -> str | None:
+    """Which of ACC_KEYS a run's metric `keys` hold (the test set's first), None if neither."""
+    return next((k for k in ACC_KEYS if k in keys), None)
 
 
 # ---------------------------------------------------------------- tags

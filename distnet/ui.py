@@ -211,7 +211,7 @@ def chart_layout(metric_keys: set[str]) -> tuple[list[dict], list[dict]]:
                  "columns": 2, "cardHeight": 280},
                 {"uuid": "distnet-grad", "name": "weight-gradient norm per layer (grad_norm/w)", "display": True,
                  "isReordered": False, "columns": 3, "cardHeight": 300}]
-    main = [k for k in [*map(schema.acc, schema.EVAL_PREFIXES), schema.TRAIN_LOSS] if k in metric_keys]
+    main = [k for k in [*schema.ACC_KEYS, schema.TRAIN_LOSS] if k in metric_keys]
     grads = sorted((k for k in metric_keys if k.startswith(schema.GRAD_NORM_W)), key=_natural)
     charts = [_line_chart(k, "distnet-main") for k in main] + [_line_chart(k, "distnet-grad", log=True) for k in grads]
     for key in sorted(metric_keys - set(main) - set(grads), key=_natural):
@@ -226,7 +226,7 @@ def sweep_view(search_filter: str, axes: list[str], axis: str, metric_keys: set[
     """The saved view's state (search facets and UI state, as the UI saves them) for the cells
     `search_filter` finds (cells_filter)."""
     charts, sections = chart_layout(metric_keys)
-    acc = [f"metrics.`{k}`" for k in map(schema.acc, schema.EVAL_PREFIXES) if k in metric_keys]
+    acc = [f"metrics.`{k}`" for k in schema.ACC_KEYS if k in metric_keys]
     return {
         # Sorted by anything but the start time, the UI lists the cells flat (with it, it folds
         # children under their parent, out of the charts).
