@@ -1,6 +1,6 @@
 """Grid-scale rows of `make bench`: what distnet itself costs per cell, and a 10,000-cell sweep.
 
-    PYTHONPATH=benchmarks .venv/bin/python benchmarks/bench_grid.py [--big 10530] [--only sqlite|server|big] [--server-workers N] [--repeat 3] [--server-auth basic|none]
+    PYTHONPATH=benchmarks .venv/bin/python benchmarks/bench_grid.py [--big 10530] [--only sqlite|server|big] [--server-workers N] [--repeat 3] [--server-auth basic|none] [--server-sgi gunicorn|uvicorn]
 
 Tiny cells (5 steps each: `train.max_steps=5`, `data.train_limit=1280`, `eval_limit=500`, width 30),
 so that what is left is distnet's own cost per cell:
@@ -50,7 +50,7 @@ BIG_GRID = {"model.depth": list(range(1, 11)),
                            "nielsen_scaled", "orthogonal", "uniform_sqrt_n"],
             "model.activation": ["sigmoid", "tanh", "softsign", "relu", "leaky_relu", "elu", "selu", "softplus",
                                  "identity"]}
-# An access-log line of the server's uvicorn: `... "POST /api/2.0/mlflow/runs/create HTTP/1.1" 200 ...`
+# An access-log line of the server (uvicorn or gunicorn): `... "POST /api/2.0/mlflow/runs/create HTTP/1.1" 200 ...`
 REQUEST = re.compile(r'"(GET|POST|PUT|PATCH|DELETE) (/[^ ?"]*)')
 # An artifact's path, less its experiment and run: `.../artifacts/1/<run id>/artifacts/step_metrics/x.parquet`
 ARTIFACT = re.compile(r"/artifacts/\d+/[0-9a-f]{32}/artifacts/([^/]+).*")
@@ -93,9 +93,11 @@ class Server:
     """cluster/mlflow_server.sh's PostgreSQL-backed server on loopback, stopped on exit; with its
     login (`auth`: basic, as a cluster has it, or none) in this process's environment meanwhile,
     where the driver takes it and hands it to the trainings. `auth_cache_ttl`: the script's
-    MLFLOW_AUTH_CACHE_TTL (0: the password checked at every request)."""
+    MLFLOW_AUTH_CACHE_TTL (0: the password checked at every request). `sgi`: the script's MLFLOW_SGI
+    (gunicorn, as shipped, or uvicorn, MLflow's default)."""
 
-    def __init__(self, work: Path, workers: int | None = None, auth: str = "basic", auth_cache_ttl: int | None = None):
+    def __init__(self, work: Path, workers: int | None = None, auth: str = "basic", auth_cache_ttl: int | None = None,
+                 sgi: str = "gunicorn"):
         self.state = Path(tempfile.mkdtemp(prefix="dnpg", dir="/tmp"))
         self.state.chmod(0o755)
         port = free_port()
@@ -104,6 +106,7 @@ class Server:
         if workers:  # else the script's default
             self.env["MLFLOW_WORKERS"] = str(workers)
         self.env["MLFLOW_AUTH"] = auth
+        self.env["MLFLOW_SGI"] = sgi
         if auth_cache_ttl is not None:
             self.env["MLFLOW_AUTH_CACHE_TTL"] = str(auth_cache_ttl)
         self.login: dict[str, str] = {}
@@ -125,7 +128,7 @@ class Server:
                                    for method, path in REQUEST.findall(self.log.read_text()))
 
     def cpu_seconds(self) -> float:
-        """CPU time so far of the server's processes (its session: `mlflow server` and its uvicorn
+        """CPU time so far of the server's processes (its session: `mlflow server` and its
         worker), PostgreSQL's aside: what a request costs the head, less noisy than wall time."""
         sid, tick, total = int((self.state / "mlflow.pid").read_text()), os.sysconf("SC_CLK_TCK"), 0
         for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -177,8 +180,8 @@ def sqlite_rows(work: Path, repeat: int = 3) -> list[tuple]:
              f"{slope(sqlite) * 1e3:.1f}", "85", "ms/cell", f"{85 / (slope(sqlite) * 1e3):.1f}x")]
 
 
-def server_rows(work: Path, workers: int | None, auth: str = "basic") -> list[tuple]:
-    with Server(work, workers, auth) as server:
+def server_rows(work: Path, workers: int | None, auth: str = "basic", sgi: str = "gunicorn") -> list[tuple]:
+    with Server(work, workers, auth, sgi=sgi) as server:
         start, _, result = timed(tiny_sweep("pg16", work / "pg16", 16), server.uri)
         first16 = first_step(server.uri, result.parent_run_id) - start
         served = {}
@@ -187,7 +190,7 @@ def server_rows(work: Path, workers: int | None, auth: str = "basic") -> list[tu
             served[n] = timed(tiny_sweep(f"pg{n}", work / f"pg{n}", n), server.uri)[1]
             by_endpoint, cpu = server.requests() - before, server.cpu_seconds() - cpu
     per_cell = {k: v / 768 for k, v in by_endpoint.most_common()}
-    how = f"{workers or 'default'} server worker(s), {'with its login' if auth == 'basic' else 'no login'}"
+    how = f"{sgi}, {workers or 'default'} server worker(s), {'with its login' if auth == 'basic' else 'no login'}"
     return [
         (f"tiny sweep through the PostgreSQL-backed server ({how}): 192 / 768 cells, wall time",
          f"{served[192]:.1f} / {served[768]:.1f}", "", "s", ""),
@@ -231,8 +234,9 @@ def big_rows(work: Path, cells: int, workers: int | None = None) -> list[tuple]:
 
 
 def rows(work: Path, big: int = 10530, only: str | None = None, server_workers: int | None = None,
-         repeat: int = 3, server_auth: str = "basic") -> list[tuple]:
-    parts = {"sqlite": lambda: sqlite_rows(work, repeat), "server": lambda: server_rows(work, server_workers, server_auth),
+         repeat: int = 3, server_auth: str = "basic", server_sgi: str = "gunicorn") -> list[tuple]:
+    parts = {"sqlite": lambda: sqlite_rows(work, repeat),
+             "server": lambda: server_rows(work, server_workers, server_auth, server_sgi),
              "big": lambda: big_rows(work, big, server_workers) if big else []}
     out = []
     for name, part in parts.items():
@@ -251,10 +255,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="sqlite sweeps of each size, for medians (default 3)")
     ap.add_argument("--server-auth", choices=["basic", "none"], default="basic",
                     help="the server's login (MLFLOW_AUTH of cluster/mlflow_server.sh; default basic, as a cluster has it)")
+    ap.add_argument("--server-sgi", choices=["gunicorn", "uvicorn"], default="gunicorn",
+                    help="what serves the server (MLFLOW_SGI of cluster/mlflow_server.sh; default gunicorn, as shipped)")
     args = ap.parse_args()
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
-        table = rows(Path(tmp), args.big, args.only, args.server_workers, args.repeat, args.server_auth)
+        table = rows(Path(tmp), args.big, args.only, args.server_workers, args.repeat, args.server_auth, args.server_sgi)
     print("\n| row | distnet | before | unit | ratio |\n| --- | --- | --- | --- | --- |")
     for r in table:
         print("| " + " | ".join(r) + " |")

@@ -132,15 +132,26 @@ fi
 # job runner (the GenAI judges' queue and its worker processes, which poll all the time): a training
 # cluster's tracking server needs none of it, and with it every request took ~40 ms instead of ~7
 # here (docs/benchmarks.md). MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true in the environment keeps it.
-# One server worker by default: with more, uvicorn (0.54) hands its workers a listening socket on
-# which asyncio leaves Nagle's algorithm on, and every request on a kept-alive connection waits ~43 ms
-# for the client's delayed ACK (uvicorn issue 3149). One worker served a tiny-cell sweep at 61 ms a
-# cell here against 80 ms with four (2 cores, docs/benchmarks.md); on a head with many cores and
-# many concurrent writers, more workers may still pay: MLFLOW_WORKERS=N.
+# Served by gunicorn's sync workers (MLflow's --gunicorn-opts), not by MLflow's default uvicorn: the
+# same Flask app without the ASGI layers in front of it, which cost the server ~30 % more CPU a
+# request here (docs/benchmarks.md). A sync worker answers one request at a time and closes the
+# connection after it; `--timeout` lets a long read (a report's listing of 10,000 runs) finish.
+# Host checks: the Flask app reads the list from MLFLOW_SERVER_ALLOWED_HOSTS (MLflow accepts
+# --allowed-hosts only with uvicorn). MLFLOW_SGI=uvicorn serves as MLflow does by default, for
+# measuring one against the other; with it keep one worker (uvicorn issue 3149: with more, every
+# request on a kept-alive connection waits ~43 ms for a delayed ACK).
+# MLFLOW_WORKERS: server processes, one by default, which leaves the head's other cores to training;
+# a head with many cores and many concurrent writers gains from more (docs/benchmarks.md).
+case ${MLFLOW_SGI:-gunicorn} in
+  gunicorn) sgi=(--gunicorn-opts "--access-logfile - --timeout 300") ;;
+  uvicorn) sgi=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS") ;;
+  *) echo "mlflow_server.sh: MLFLOW_SGI is gunicorn or uvicorn, not $MLFLOW_SGI" >&2; exit 2 ;;
+esac
+MLFLOW_SERVER_ALLOWED_HOSTS=$MLFLOW_ALLOWED_HOSTS \
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
-setsid "${MLFLOW:-mlflow}" server "${app[@]}" \
+setsid "${MLFLOW:-mlflow}" server "${app[@]}" "${sgi[@]}" \
   --backend-store-uri "postgresql://mlflow@127.0.0.1:$pg_port/mlflow" \
   --artifacts-destination "${ARTIFACTS:-$state/artifacts}" \
-  --host "${MLFLOW_HOST:-0.0.0.0}" --port "$port" --workers "$workers" --allowed-hosts "$MLFLOW_ALLOWED_HOSTS" \
+  --host "${MLFLOW_HOST:-0.0.0.0}" --port "$port" --workers "$workers" \
   >"$state/mlflow.log" 2>&1 < /dev/null &
 echo $! >"$state/mlflow.pid"

@@ -1,4 +1,4 @@
-"""Shared fixtures: MNIST read once, one real local Ray per test session, a fresh MLflow sqlite store."""
+"""Shared fixtures: MNIST read once, one real local Ray per test session, headless Chromium, a fresh MLflow sqlite store."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from browser import chromium
 from distnet import data
 
 
@@ -25,6 +26,12 @@ def ray_cluster():
     ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (tests/browser.py), one for each test module that opens pages."""
+    yield from chromium()
 
 
 @pytest.fixture

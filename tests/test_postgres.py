@@ -23,8 +23,9 @@ import ray
 from mlflow.tracking import MlflowClient
 
 import records
+from browser import body, charts_each_layers_gradient_norm, log_in, training_pages
 from conftest import RecordingSink, free_port, http_status
-from distnet import cli, data, launch, metrics, schema, steptable, sweep, tracking, tracking_server, worker
+from distnet import cli, data, launch, metrics, schema, steptable, sweep, tracking, tracking_server, ui, worker
 from distnet.config import config_hash, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,6 +251,24 @@ def test_the_server_answers_only_its_login_and_its_own_host_names(postgres_mlflo
     assert status((user, password), "10.213.9.9") == 403  # an address that is not this host's
     assert stat.S_IMODE((postgres_mlflow.state / "credentials").stat().st_mode) == 0o600
     assert user == "admin" and len(password) >= 24
+
+
+def test_a_person_with_the_login_sees_each_layers_gradient_norm_in_the_ui(ray_cluster, postgres_mlflow, browser,
+                                                                          tmp_path, monkeypatch):
+    """The cluster's UI as a person meets it (served as the head serves it, by gunicorn): the page
+    asks for the login; logged in, a cell's run page charts each layer's gradient norm."""
+    monkeypatch.chdir(tmp_path)
+    uri = postgres_mlflow.uri
+    raw = {"name": "pgui", "model": {"width": 16}, "train": {"epochs": 1, "log_every": 2},
+           "data": {"train_limit": 640, "eval_limit": 100}, "ray": {"num_workers": 1}, "mlflow": {"experiment": "pgui"},
+           "grid": {"model.depth": [2]}}
+    result = launch.run_sweep(sweep.build_sweep(raw), uri)
+    (run,) = tracking.child_runs(uri, result.parent_run_id)
+    page = ui.run_link(uri, run.info.experiment_id, run.info.run_id)  # what `distnet ui` prints for a run
+    assert http_status(page) == 401
+    log_in(browser, os.environ[tracking_server.USERNAME], os.environ[tracking_server.PASSWORD])
+    charts_each_layers_gradient_norm(browser, page, layers=3)  # depth 2: 3 weight matrices
+    assert training_pages(body(browser))
 
 
 @pytest.mark.parametrize("login", [None, ("admin", "not-the-password")])

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -22,10 +21,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import distnet
+from browser import body, charts_each_layers_gradient_norm, close_assistant, training_pages, wait
 from distnet import cli, launch, sweep, ui
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-NO_BROWSER = os.environ.get("DISTNET_NO_BROWSER") == "1"
 # Where to keep the screenshots (docs/img when refreshed by hand), resolved before a fixture moves the cwd.
 SHOTS = os.environ.get("DISTNET_SCREENSHOTS") and Path(os.environ["DISTNET_SCREENSHOTS"]).resolve()
 # `distnet ui` processes run the distnet under test, wherever the cwd (a fixture's tmp directory)
@@ -117,60 +115,12 @@ def big_links(big_sweep):
         yield sweep_links(printed) | sweep_links(where.stdout)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if NO_BROWSER:
-        pytest.skip("DISTNET_NO_BROWSER=1: this machine opted out of the browser test")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    assert CHROMIUM and CHROMEDRIVER, ("chromium and chromedriver are not installed (`make test` installs "
-                                       "Debian's where it can); set DISTNET_NO_BROWSER=1 to opt out on purpose")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--window-size=1600,1300"]:
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    yield driver
-    driver.quit()
-
-
-def body(driver) -> str:
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.TAG_NAME, "body").text
-
-
-def wait(driver, check, timeout=90):
-    """Until check(driver) is truthy; returns it."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout, ignored_exceptions=[StaleElementReferenceException]).until(check)
-
-
-def close_assistant(driver):
-    """The assistant panel MLflow opens beside every page (a user closes it once)."""
-    from selenium.webdriver.common.by import By
-
-    for button in driver.find_elements(By.CSS_SELECTOR, "[data-component-id='mlflow.assistant.chat_panel.close']"):
-        button.click()
-
-
 def shot(driver, tmp_path, name):
     time.sleep(1)  # let the last chart finish drawing
     path = Path(SHOTS or tmp_path) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))
     return path
-
-
-def training_pages(text: str) -> bool:
-    """The model-training side of the UI, not its GenAI one (whose menu lists Observability,
-    Sessions, Judges, ... and whose experiment page opens on a traces overview)."""
-    return "Model registry" in text and not {"Observability", "Detect Issues"} & set(text.splitlines())
 
 
 # Per chart card of the runs page's chart view: its title and the runs (trace names) whose line
@@ -258,22 +208,7 @@ def test_sweep_link_charts_every_cell_grouped_by_init(finished_sweep, links, bro
 
 
 def test_run_link_shows_each_layers_gradient_norm(links, browser, tmp_path):
-    from selenium.webdriver.common.by import By
-
-    browser.get(links["run"])
-    wait(browser, lambda d: "grad_norm/w" in body(d) and "Model metrics" in body(d))
-    wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "input[placeholder='Search metric charts']")).send_keys("grad_norm/w")
-
-    def drawn_layers(driver):
-        # Once the filter applies only the grad_norm/w section is left: a chart per layer of the
-        # depth-2 cell (3 weight matrices), each with a real line.
-        text = body(driver)
-        plots = driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")
-        lines = [p for p in plots if any(len(l.get_attribute("d") or "") > 20
-                                         for l in p.find_elements(By.CSS_SELECTOR, "path.js-line"))]
-        return "act/mean" not in text and all(f"layer_{i}" in text for i in (1, 2, 3)) and len(lines) == 3
-
-    wait(browser, drawn_layers, timeout=60)
+    charts_each_layers_gradient_norm(browser, links["run"], layers=3)  # the depth-2 cell: 3 weight matrices
     assert training_pages(body(browser))
     close_assistant(browser)
     assert shot(browser, tmp_path, "mlflow-ui-run.png").stat().st_size > 10_000
