@@ -10,7 +10,8 @@
 # ARTIFACTS (where the server keeps artifacts: STATE_DIR/artifacts, or an object store such as
 # s3://bucket/distnet), MLFLOW (the mlflow command: the one on PATH), MLFLOW_ALLOWED_HOSTS (the Host
 # headers it answers: by default this host's names and addresses, see below), MLFLOW_AUTH (basic;
-# `none` serves without a login, for measuring what the login costs: docs/benchmarks.md).
+# `none` serves without a login, for measuring what the login costs: docs/benchmarks.md), MLFLOW_SGI
+# (gunicorn; `uvicorn` serves as MLflow does by default, for measuring one against the other).
 #
 # Only those with the login reach the runs: MLflow's basic-auth app. At the first start an admin
 # password is generated and kept in STATE_DIR/credentials (mode 0600, readable by this user only),
