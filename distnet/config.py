@@ -112,6 +112,12 @@ class RayConfig:
     # The per-step gradient all-reduce: "auto" uses shared memory between CPU workers on one x86
     # node (distnet/collective.py) and torch.distributed otherwise; "torch" always torch.distributed.
     all_reduce: str = field(default="auto", metadata=_choice(("auto", "torch")))
+    # With use_gpu: the share of a GPU each worker reserves. 1 (one rank a device) for NCCL; 0.5 puts
+    # two workers on one GPU, which only gloo serves (NCCL refuses two ranks on one device).
+    gpus_per_worker: float = field(default=1.0, metadata=_positive())
+    # torch.distributed's backend: "auto" is NCCL with GPUs and gloo without; "gloo" with GPUs moves
+    # CUDA tensors through gloo, for workers that share a GPU.
+    backend: str = field(default="auto", metadata=_choice(("auto", "nccl", "gloo")))
 
 
 @dataclass(frozen=True)
@@ -416,9 +422,24 @@ def build_config(raw: dict) -> Config:
     if cfg.train.cuda_graph and not cfg.ray.use_gpu:
         raise ConfigError("train.cuda_graph", True, "CUDA graphs need GPU workers: set ray.use_gpu: true, "
                           "or leave train.cuda_graph false on CPU")
+    _check_devices(cfg.ray)
     if cfg.data.train_limit is not None and cfg.data.train_limit < batch:
         raise ConfigError("data.train_limit", cfg.data.train_limit, f"must be >= train.batch_size={batch}")
     return cfg
+
+
+def _check_devices(ray: RayConfig) -> None:
+    """GPU shares and backends that cannot run together, refused before any worker starts."""
+    if not ray.use_gpu:
+        if ray.backend == "nccl":
+            raise ConfigError("ray.backend", "nccl", "NCCL needs GPU workers: set ray.use_gpu: true, or use auto or gloo")
+        if ray.gpus_per_worker != 1.0:
+            raise ConfigError("ray.gpus_per_worker", ray.gpus_per_worker, "applies to GPU workers only: set ray.use_gpu: true")
+    if ray.gpus_per_worker > 1:
+        raise ConfigError("ray.gpus_per_worker", ray.gpus_per_worker, "must be in (0, 1]: a worker uses one device")
+    if ray.use_gpu and ray.gpus_per_worker < 1 and ray.num_workers > 1 and ray.backend != "gloo":
+        raise ConfigError("ray.backend", ray.backend, f"workers sharing a GPU (ray.gpus_per_worker = "
+                          f"{ray.gpus_per_worker}) need gloo: NCCL refuses two ranks on one device; set ray.backend: gloo")
 
 
 def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict:

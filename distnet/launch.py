@@ -161,10 +161,12 @@ def storage_path(cfg: Config) -> str:
 
 
 def scaling_config(cfg: Config) -> ScalingConfig:
-    """Ray Train's scaling: `num_workers` workers of `cpus_per_worker` CPUs, and with `use_gpu` one
-    GPU each (Ray adds GPU: 1 per worker, sets CUDA_VISIBLE_DEVICES, and Ray Train picks NCCL)."""
+    """Ray Train's scaling: `num_workers` workers of `cpus_per_worker` CPUs, and with `use_gpu`
+    `gpus_per_worker` of a GPU each (Ray sets CUDA_VISIBLE_DEVICES; workers with a share of one GPU
+    see the same device)."""
+    gpus = {"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {}
     return ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker})
+                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **gpus})
 
 
 @dataclass
@@ -184,6 +186,11 @@ class PinnedTorchConfig(TorchConfig):
         return PinnedBackend
 
 
+def torch_config(cfg: Config) -> PinnedTorchConfig:
+    """The process group: Ray Train's choice (NCCL on GPUs, gloo on CPUs) unless `ray.backend` names one."""
+    return PinnedTorchConfig(backend=None if cfg.ray.backend == "auto" else cfg.ray.backend)
+
+
 def trainer_name(cfg: Config) -> str:
     """A Ray Train run's name (the `distnet.trainer` tag of the runs it trains): unique per trainer."""
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -200,7 +207,7 @@ def fit_lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri:
         train_loop_config={"queue": queue, "lane": lane, "tracking_uri": tracking_uri, "board": board,
                            "login": tracking_server.Login.from_env()},
         scaling_config=scaling_config(cfg),
-        torch_config=PinnedTorchConfig(),
+        torch_config=torch_config(cfg),
         run_config=RunConfig(name=name,
                              storage_path=storage_path(cfg),
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
@@ -292,7 +299,7 @@ def default_concurrency(cfg: Config) -> int:
     """As many trainings as the cluster's resources hold at once."""
     res = ray.cluster_resources()
     if cfg.ray.use_gpu:
-        return max(1, int(res.get("GPU", 0) // cfg.ray.num_workers))
+        return max(1, int(res.get("GPU", 0) // (cfg.ray.num_workers * cfg.ray.gpus_per_worker)))
     return max(1, int(res.get("CPU", 1) // (cfg.ray.num_workers * cfg.ray.cpus_per_worker)))
 
 

@@ -140,3 +140,30 @@ def test_unknown_options_are_still_refused(capsys):
         with pytest.raises(SystemExit) as e:
             cli.parse_args(argv)
         assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ray,field,says", [
+    ({"backend": "nccl"}, "ray.backend", "NCCL needs GPU workers"),
+    ({"gpus_per_worker": 0.5}, "ray.gpus_per_worker", "GPU workers only"),
+    ({"use_gpu": True, "gpus_per_worker": 2}, "ray.gpus_per_worker", "must be in (0, 1]"),
+    ({"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5}, "ray.backend", "NCCL refuses two ranks on one device"),
+    ({"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5, "backend": "nccl"}, "ray.backend", "set ray.backend: gloo"),
+    ({"backend": "mpi"}, "ray.backend", "auto, nccl, gloo"),
+])
+def test_gpu_shares_and_backends_that_cannot_run_are_refused(ray, field, says):
+    e = error_of({"model": {"sizes": [784, 10]}, "ray": ray})
+    assert e.field == field and says in str(e)
+
+
+def test_workers_sharing_a_gpu_through_gloo_and_one_worker_on_a_share_are_taken():
+    from distnet import launch  # Ray's scaling and torch configs, as the trainers get them
+
+    shared = build_config({"model": {"sizes": [784, 10]},
+                           "ray": {"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5, "backend": "gloo"}})
+    assert launch.scaling_config(shared).resources_per_worker == {"CPU": 1.0, "GPU": 0.5}
+    assert launch.torch_config(shared).backend == "gloo"
+    quarter = build_config({"model": {"sizes": [784, 10]}, "ray": {"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.25}})
+    assert launch.scaling_config(quarter).resources_per_worker == {"CPU": 1.0, "GPU": 0.25}
+    assert launch.torch_config(quarter).backend is None  # Ray Train's own choice: NCCL on GPUs
+    cpu = build_config({"model": {"sizes": [784, 10]}})
+    assert launch.scaling_config(cpu).resources_per_worker == {"CPU": 1.0} and not launch.scaling_config(cpu).use_gpu
