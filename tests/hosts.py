@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -86,10 +87,29 @@ Subsystem sftp internal-sftp
         mounts += [f"mount -t tmpfs distnet-hidden {d}" for d in hide if Path(d).is_dir()]
         script = f"hostname {self.hostname} && " + " && ".join(mounts) + \
             " && exec /usr/sbin/sshd -D -e -f /root/.sshd/sshd_config"
-        with open(root / "sshd.log", "w") as log:
-                return subprocess.Popen(["ip", "netns", "exec", self.netns, "unshare", "--uts", "--mount", "--pid", "--fork",
-                                     "--mount-proc", "--kill-child", "--propagation", "private", "sh", "-c", script],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with open(root / "sshd.log", "w") as log:  # sh -x: each set-up step in the log, the failing one last
+            server = subprocess.Popen(["ip", "netns", "exec", self.netns, "unshare", "--uts", "--mount", "--pid", "--fork",
+                                       "--mount-proc", "--kill-child", "--propagation", "private", "sh", "-xc", script],
+                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.wait_for_port(22, server, root / "sshd.log")
+        return server
+
+    def wait_for_port(self, port: int, server: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
+        """Until `server` takes connections on the host's `port`; else it is ended and the error
+        carries its log (an sshd that died at start-up would leave its clients retrying for minutes)."""
+        deadline = time.monotonic() + timeout
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                socket.create_connection((self.address, port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        exited = server.poll()
+        if exited is None:
+            server.kill()
+            server.wait()
+        state = f"exited with {exited}" if exited is not None else f"not listening after {timeout:.0f} s"
+        raise RuntimeError(f"the server on {self.hostname} ({self.address}:{port}) {state}; its log:\n{log.read_text()[-4000:]}")
 
     def pids(self) -> list[int]:
         """Every process in the host's network namespace."""
