@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 from distnet import registry, schema
@@ -62,7 +63,22 @@ def _sweep(args) -> int:
     return 1 if result.failed else 0
 
 
+class ExtraMissing(Exception):
+    """A command needs a distribution of one of distnet's extras, and it is not installed."""
+
+
+def _extra(name: str, distribution: str) -> None:
+    """A command of an extra that is not installed (the core, or the offline bundle, leaves it out)
+    stops here, saying which, before it reads or starts anything."""
+    try:
+        metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        raise ExtraMissing(f"this command needs {distribution}, which distnet's core install leaves out: "
+                           f"pip install 'distnet[{name}]' (the offline bundle: make wheelhouse EXTRAS={name})") from None
+
+
 def _report(args) -> int:
+    _extra("report", "matplotlib")
     from distnet import report, ui
 
     uri = _tracking_uri(args)
@@ -94,6 +110,7 @@ def _ui(args) -> int:
         if hint := tracking_server.login_hint(uri):
             print(hint)
         return 0
+    _extra("ui", "mlflow")  # its UI server; the core has MLflow's client alone
     # The server runs in a session of its own (so that it stops as a whole): Ctrl-C, or a plain
     # kill of this process, ends this command through serve()'s cleanup, which stops it.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -278,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ExtraMissing) as e:
         print(f"distnet: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -145,6 +145,10 @@ def test_the_bundle_installs_with_no_network_then_trains_and_sweeps(bundle, tmp_
                            *[p.split("==")[0] for p in pinned]], capture_output=True, text=True, check=True)
     assert seen.stdout.split() == pinned and len(pinned) == len(bundle.wheels) - 1
 
+    # what the bundle leaves out (the report's figures) is named with the extra that brings it
+    report = subprocess.run([str(venv / "bin" / "distnet"), "report", "anything"], cwd=tmp_path, capture_output=True, text=True)
+    assert report.returncode == 2 and "pip install 'distnet[report]'" in report.stderr and "EXTRAS=report" in report.stderr
+
     work = tmp_path / "check"
     check = subprocess.run([py, str(ROOT / "benchmarks" / "gpu_ray_check.py"), *SMALL, "--cpu", "--data-dir", str(MNIST),
                             "--workdir", str(work), "--seeds", "1", "--depths", "1", "2"],
