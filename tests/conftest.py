@@ -13,6 +13,19 @@ from browser import chromium
 from distnet import data
 
 
+# What a test starts, as markers (pyproject.toml lists them): `make check` runs the tests that start
+# none of these. A test that takes one of these fixtures, directly or through another, is marked by
+# it; the modules that start the others say so themselves (`pytestmark`).
+MARKED_BY_FIXTURE = {"ray_cluster": "ray", "browser": "browser"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, marker in MARKED_BY_FIXTURE.items():
+            if fixture in item.fixturenames:
+                item.add_marker(marker)
+
+
 @pytest.fixture(scope="session")
 def mnist() -> data.MNIST:
     return data.load_mnist()

@@ -27,6 +27,8 @@ from distnet import data, steptable, sweep, tracking_server, worker
 from distnet.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.namespaces, pytest.mark.ray]
 BIN = Path(sys.executable).parent
 
 

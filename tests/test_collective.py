@@ -72,6 +72,7 @@ for shape, out in (((5, 1001), sys.argv[2]), ((100, 1001), sys.argv[3])):
 """
 
 
+@pytest.mark.namespaces
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="mounting a tmpfs needs root")
 def test_a_small_dev_shm_falls_back_to_torch_distributed(tmp_path):
     """A 1 MiB tmpfs over /dev/shm, in a mount namespace of its own (Docker gives 64 MB; a big
@@ -99,6 +100,7 @@ t._rank(int(sys.argv[2]), 2, int(sys.argv[3]), sys.argv[4], (5, 1001))
 """
 
 
+@pytest.mark.namespaces
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="mounting a tmpfs needs root")
 def test_ranks_with_a_dev_shm_each_go_through_gloo_whatever_their_hostname(tmp_path):
     """Two ranks on one host, so under one hostname, the second in a mount namespace with a /dev/shm

@@ -21,6 +21,8 @@ from distnet.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = [pytest.mark.ray]
+
 
 def config(tmp_path, **fault):
     """2 workers, 2 members (member 1 diverges at step 3), 40 steps, checkpoints every 5."""

@@ -27,6 +27,8 @@ from distnet import data, offline, worker
 from distnet.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.bundle, pytest.mark.ray]
 BUNDLE = ROOT / ".venv" / "fixtures" / "wheelhouse"
 HOST = ROOT / ".venv" / "fixtures" / "gpu-host" / "bin" / "python"
 HOST_WHEELS = ROOT / ".venv" / "fixtures" / "host-wheels"

@@ -29,6 +29,8 @@ from distnet import cli, data, launch, metrics, schema, steptable, sweep, tracki
 from distnet.config import config_hash, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.server]
 SCRIPT = ROOT / "cluster" / "mlflow_server.sh"
 
 

@@ -31,6 +31,8 @@ from conftest import http_status
 from distnet import steptable, tracking_server
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.namespaces, pytest.mark.ray]
 BIN = Path(sys.executable).parent
 VENV = BIN.parent
 MNIST = ROOT.parent / "shared" / "data" / "mnist"

@@ -125,9 +125,13 @@ def test_sink_restore_writes_what_the_checkpoint_held_once(tracking_uri):
 
 def test_installed_mlflow_is_in_the_pinned_range():
     """distnet uses MLflow's public client API as of the versions its tests ran on; pyproject.toml pins
-    that range, and an environment that leaves it fails here."""
-    mlflows = [Requirement(r) for r in importlib.metadata.requires("distnet") if Requirement(r).name == "mlflow"]
-    (req,) = [r for r in mlflows if r.marker is None]  # the dependency; the `server` extra adds mlflow[auth]
-    assert str(req.specifier), "mlflow must be pinned to a range"
-    assert all(r.specifier == req.specifier for r in mlflows), mlflows  # the extra's range is the same
-    assert req.specifier.contains(importlib.metadata.version("mlflow")), (req, importlib.metadata.version("mlflow"))
+    that range (the core's mlflow-skinny, the extras' full mlflow), and an environment that leaves it
+    fails here."""
+    reqs = [Requirement(r) for r in importlib.metadata.requires("distnet")]
+    mlflows = [r for r in reqs if r.name in ("mlflow", "mlflow-skinny")]
+    (core,) = [r for r in mlflows if r.marker is None]  # the dependency: MLflow's client
+    assert core.name == "mlflow-skinny" and str(core.specifier), "mlflow must be pinned to a range"
+    assert {r.name for r in mlflows if r.marker is not None} == {"mlflow"}  # the ui and server extras
+    assert all(r.specifier == core.specifier for r in mlflows), mlflows  # one range for all of them
+    for name in ("mlflow-skinny", "mlflow"):
+        assert core.specifier.contains(importlib.metadata.version(name)), (core, name, importlib.metadata.version(name))
