@@ -87,24 +87,39 @@ def test_jacobian_spectrum_has_its_closed_forms():
         meanfield.jacobian_spectrum("tanh", 1.0, 0.05, 8, "uniform")
 
 
-def measured_spectrum(activation: str, sigma_w2: float, sigma_b2: float, depth: int, init: str, seed: int,
-                      width: int = 400, q_in: float | None = None) -> tuple[float, float]:
-    """(mean, variance over mean squared) of the eigenvalues of J J^T for a distnet net at init, from a
-    config in the variance form: J = D_{L+1} W_{L+1} ... D_2 W_2, its `depth` square hidden layers,
-    at a first hidden pre-activation h^1 drawn at q* (where the theory has every layer), or at q_in."""
-    cfg = build_config({"model": {"depth": depth + 1, "width": width, "activation": activation, "init": init,
+def measured_spectra(activation: str, sigma_w2: float, sigma_b2: float, depths: tuple[int, ...], init: str,
+                     seed: int, width: int = 400, q_in: float | None = None) -> list[tuple[float, float]]:
+    """For each of `depths`: (mean, variance over mean squared) of the eigenvalues of J J^T for a
+    distnet net of that depth at init, from a config in the variance form: J = D_{L+1} W_{L+1} ...
+    D_2 W_2, its L square hidden layers, at a first hidden pre-activation h^1 drawn at q* (where the
+    theory has every layer), or at q_in. One net of the largest depth serves them all: a shallower
+    net of the same seed draws the same first layers (checked in the test below)."""
+    cfg = build_config({"model": {"depth": max(depths) + 1, "width": width, "activation": activation, "init": init,
                                   "sigma_w2": sigma_w2, "sigma_b2": sigma_b2}, "seed": seed})
     views = layer_views(make_layers(cfg.sizes), init_theta(cfg.sizes, cfg.members).double())
     act = registry.ACTIVATIONS[activation]
     q = meanfield.length_fixed_point(meanfield.Gauss(activation), sigma_w2, sigma_b2)[1] if q_in is None else q_in
     h = torch.randn(width, 1, generator=torch.Generator().manual_seed(1000 + seed), dtype=torch.float64) * math.sqrt(q)
     jac = torch.eye(width, dtype=torch.float64)
-    for w, b in views[1:depth + 1]:  # W_2 .. W_{L+1}, square
+    out = []
+    for layer, (w, b) in enumerate(views[1:max(depths) + 1], start=1):  # W_2 .. W_{L+1}, square
         h = w[0] @ act.fn(h) + b[0]
         jac = act.grad(h, act.fn(h)) * (w[0] @ jac)
-    jjt = jac @ jac.T
-    m1, m2 = float(torch.trace(jjt)) / width, float(jjt.pow(2).sum()) / width
-    return m1, m2 / m1**2 - 1
+        if layer in depths:
+            jjt = jac @ jac.T
+            m1, m2 = float(torch.trace(jjt)) / width, float(jjt.pow(2).sum()) / width
+            out.append((m1, m2 / m1**2 - 1))
+    return out
+
+
+def test_a_shallower_net_is_the_first_layers_of_a_deeper_one():
+    """What lets measured_spectra read depth 8 off a depth-32 net: the same seed draws the same
+    first layers, whatever the depth (the init draws layer by layer)."""
+    for init in ("orthogonal", "lecun_normal"):
+        nets = [build_config({"model": {"depth": d, "width": 50, "init": init, "sigma_w2": 1.7}, "seed": 3}) for d in (3, 9)]
+        shallow, deep = (init_theta(c.sizes, c.members)[0] for c in nets)
+        cut = 784 * 50 + 50 + 2 * (50 * 50 + 50)  # the first layer and two hidden ones, weights and biases
+        assert torch.equal(shallow[:cut], deep[:cut])
 
 
 @pytest.mark.parametrize("activation,sigma_w2,sigma_b2", ON_THE_CRITICAL_LINE)
@@ -114,10 +129,9 @@ def test_jacobian_spectrum_matches_distnet_nets_at_init(activation, sigma_w2, si
     seeds (the spread of one net is itself random, more so with depth): within 10 % at depth 8 and
     20 % at depth 32, as the issue asks. Measured with these seeds: the spreads within 1.9 % at depth
     8 and 3.3 % at depth 32, the means within 5.5 % and 6.7 % (with 8 seeds a mean was 8 % off)."""
-    for depth, tol in ((8, 0.10), (32, 0.20)):
+    measured = np.mean([measured_spectra(activation, sigma_w2, sigma_b2, (8, 32), init, s) for s in range(16)], axis=0)
+    for (depth, tol), (mean, spread) in zip(((8, 0.10), (32, 0.20)), measured):
         predicted = meanfield.jacobian_spectrum(activation, sigma_w2, sigma_b2, depth, weights)
-        mean, spread = np.mean([measured_spectrum(activation, sigma_w2, sigma_b2, depth, init, s)
-                                for s in range(16)], axis=0)
         assert mean == pytest.approx(predicted.mean, rel=tol), (depth, "mean")
         assert spread == pytest.approx(predicted.spread, rel=tol, abs=1e-9), (depth, "spread")
 
@@ -143,10 +157,10 @@ def test_jacobian_spectrum_from_an_input_length_matches_distnet_nets(sigma_w2, s
     """Critical tanh fed pre-activations of MNIST's length (q_in = sigma_w^2 |x|^2 / 784 + sigma_b^2, |x|^2 / 784
     = 0.107 on the 8 probe images), not q* (0.046 and 0.57): the measured mean is where the length map's
     transient puts it, within 10 % at depth 8 and 20 % at 32, and 25 % or more off the prediction at q*."""
-    for depth, tol in ((8, 0.10), (32, 0.20)):
+    measured = np.mean([measured_spectra("tanh", sigma_w2, sigma_b2, (8, 32), "orthogonal", s, q_in=q_in)
+                        for s in range(16)], axis=0)
+    for (depth, tol), (mean, spread) in zip(((8, 0.10), (32, 0.20)), measured):
         predicted = meanfield.jacobian_spectrum("tanh", sigma_w2, sigma_b2, depth, "orthogonal", q_in)
-        mean, spread = np.mean([measured_spectrum("tanh", sigma_w2, sigma_b2, depth, "orthogonal", s, q_in=q_in)
-                                for s in range(16)], axis=0)
         assert mean == pytest.approx(predicted.mean, rel=tol), (depth, "mean")
         assert spread == pytest.approx(predicted.spread, rel=tol, abs=0.02), (depth, "spread")
         assert abs(mean / meanfield.jacobian_spectrum("tanh", sigma_w2, sigma_b2, depth, "orthogonal").mean - 1) > 0.25
