@@ -69,6 +69,8 @@ class Manifest:
     distnet: str  # distnet's wheel, installed without its dependencies (its torch pin is the host's to keep)
     host_provided: tuple[str, ...]
     sets: dict[str, tuple[str, ...]]  # CPython version -> the wheels pip resolved for it
+    # CPython version -> projects whose tested version has no wheel for it (the newest that has one came)
+    untested: dict[str, tuple[str, ...]]
     wheels: tuple[Wheel, ...]
 
     @property
@@ -87,8 +89,9 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         d = json.loads(text)
         wheels = tuple(Wheel(**{**w, "parts": tuple(Part(**p) for p in w["parts"])}) for w in d.pop("wheels"))
-        sets = {py: tuple(files) for py, files in d.pop("sets").items()}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}, sets=sets, wheels=wheels)
+        sets, untested = ({py: tuple(v) for py, v in d.pop(key).items()} for key in ("sets", "untested"))
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}, sets=sets, untested=untested,
+                   wheels=wheels)
 
 
 def sha256(path: Path) -> str:
@@ -194,20 +197,52 @@ def requires(distnet_wheel: Path, extras: set[str], include: set[str]) -> list[s
     return out
 
 
-def pins(exclude: set[str]) -> list[str]:
-    """`name==version` of every distribution where this runs (distnet's test environment), as
-    constraints: a bundle holds the versions the tests ran on."""
+def pins(exclude: set[str]) -> list[tuple[str, str]]:
+    """(name, `name==version`) of every distribution where this runs (distnet's test environment),
+    as constraints: a bundle holds the versions the tests ran on."""
     found = {}
     for d in metadata.distributions():
         name = normalise(d.metadata["Name"] or "")
         if name and name not in exclude and "+" not in d.version:
             found[name] = f"{name}=={d.version}"
-    return sorted(found.values())
+    return sorted(found.items())
+
+
+def missing(pip_said: str) -> list[str]:
+    """The projects pip found no wheel of, from what it said."""
+    names = re.findall(r"No matching distribution found for ([A-Za-z0-9._-]+)", pip_said)
+    block = re.search(r"no matching distributions available for your environment:\n((?:    \S+\n)+)", pip_said)
+    return [normalise(n) for n in names + (block[1].split() if block else [])]
 
 
 def pip(*args: str, offline: bool = False) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True,
                           env=offline_env() if offline else None)
+
+
+def resolve(py: str, platform: str, reqs: list[str], pinned: dict[str, str], into: Path,
+            find_links: list[str] = ()) -> list[str]:
+    """The wheels of `reqs` for CPython `py` into `into`, at the `pinned` versions; where one of those
+    has no wheel for this Python (pandas 3 and SQLAlchemy 2.1 have none for 3.10), resolved afresh
+    without the pins (the newest versions that have wheels: letting go of one pin at a time sends
+    pip's backtracking too deep). Returns the projects not at their pinned version; a requirement
+    with no wheel at all is a BundleError naming it."""
+    source = ["--no-index", *[a for d in find_links for a in ("--find-links", str(d))]] if find_links else []
+    constraints = into.parent / f"constraints-{py}.txt"
+    for pins_held in (pinned, {}):
+        constraints.write_text("".join(f"{pin}\n" for pin in pins_held.values()))
+        got = pip("download", "--only-binary=:all:", "--python-version", py, "--implementation", "cp",
+                  "--abi", "cp" + py.replace(".", ""), *[a for tag in platform_tags(platform) for a in ("--platform", tag)],
+                  "-c", str(constraints), "-d", str(into), *source, *reqs, offline=bool(find_links))
+        if not got.returncode:
+            got_versions = {project(w.name): w.name.split("-")[1] for w in into.glob("*.whl")}
+            return sorted(n for n, v in got_versions.items() if n in pinned and pinned[n] != f"{n}=={v}")
+        said = got.stdout + got.stderr
+        names = missing(said)
+        if not any(n in pinned for n in names):
+            break  # not a pin's doing: no wheel of a requirement itself
+    what = f"no wheel of {', '.join(dict.fromkeys(names))}" if names else "pip download failed"
+    raise BundleError(f"{what} for CPython {py} on {platform}\n{said.strip()[-3000:]}")
 
 
 def bundle(dest: Path, pythons=PYTHONS, platform: str = PLATFORM, extras: set[str] = frozenset(),
@@ -221,7 +256,6 @@ def bundle(dest: Path, pythons=PYTHONS, platform: str = PLATFORM, extras: set[st
     unknown = set(include) - set(HOST_PROVIDED)
     if unknown:
         raise BundleError(f"--include {','.join(sorted(unknown))}: only {', '.join(HOST_PROVIDED)} are left out to include")
-    source = ["--no-index", *[a for d in find_links for a in ("--find-links", str(d))]] if find_links else []
     with tempfile.TemporaryDirectory() as tmp:
         wheels = Path(tmp) / "wheels"
         # setuptools where this runs builds it; else pip fetches it into an isolated build environment
@@ -231,41 +265,35 @@ def bundle(dest: Path, pythons=PYTHONS, platform: str = PLATFORM, extras: set[st
             raise BundleError(f"building distnet's wheel failed:\n{built.stderr[-2000:]}")
         (own,) = wheels.glob("distnet-*.whl")
         reqs = requires(own, set(extras), set(include))
-        constraints = Path(tmp) / "constraints.txt"
-        constraints.write_text("\n".join(pins({"distnet", *HOST_PROVIDED} - set(include))) + "\n")
-        sets = {}
+        pinned = dict(pins({"distnet", *HOST_PROVIDED} - set(include)))
+        sets, untested = {}, {}
         for py in pythons:
             say(f"resolving for CPython {py} on {platform}: {' '.join(reqs)}")
-            abi = "cp" + py.replace(".", "")
             into = Path(tmp) / py
-            got = pip("download", "--only-binary=:all:", "--python-version", py, "--implementation", "cp",
-                      "--abi", abi, *[a for tag in platform_tags(platform) for a in ("--platform", tag)],
-                      "-c", str(constraints), "-d", str(into), *source, *reqs, offline=bool(find_links))
-            if got.returncode:
-                said = got.stdout + got.stderr
-                pkg = re.findall(r"No matching distribution found for (\S+)|Cannot install (\S+) because", said)
-                what = f"no wheel of {''.join(pkg[0])} (or of what it needs)" if pkg else "pip download failed"
-                raise BundleError(f"{what} for CPython {py} on {platform} (pinned to the versions installed "
-                                  f"here)\n{said.strip()[-3000:]}")
+            if loose := resolve(py, platform, reqs, pinned, into, find_links):
+                say(f"  CPython {py}: some tested version has no wheel for it, resolved afresh; not the tested "
+                    f"versions: {', '.join(loose)}")
+                untested[py] = tuple(loose)
             kept = sorted(w for w in into.glob("*.whl") if project(w.name) not in set(HOST_PROVIDED) - set(include))
             for w in kept:
                 shutil.move(w, wheels / w.name)  # a pure-Python wheel serves every version: kept once
             sets[py] = (own.name, *(w.name for w in kept))
         manifest = write(dest, own, sorted(w for w in wheels.glob("*.whl") if w != own), platform, tuple(reqs),
-                         tuple(sorted(set(HOST_PROVIDED) - set(include))), sets, part_bytes)
+                         tuple(sorted(set(HOST_PROVIDED) - set(include))), sets, untested, part_bytes)
     say(f"bundle {dest}: {len(manifest.wheels)} wheels, {sum(len(w.parts) for w in manifest.wheels)} parts of at most "
         f"{part_bytes / 2**20:.0f} MiB, {sum(w.size for w in manifest.wheels) / 2**20:.0f} MiB in all")
     return manifest
 
 
 def write(dest: Path, own: Path, wheels: list[Path], platform: str, requirements: tuple[str, ...],
-          host_provided: tuple[str, ...], sets: dict[str, tuple[str, ...]], part_bytes: int = PART_BYTES) -> Manifest:
+          host_provided: tuple[str, ...], sets: dict[str, tuple[str, ...]], untested: dict[str, tuple[str, ...]],
+          part_bytes: int = PART_BYTES) -> Manifest:
     """distnet's wheel `own` and `wheels` split into a new `dest`, with the manifest and SHA256SUMS."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     entries = tuple(split(w, dest, part_bytes) for w in [own, *wheels])
-    manifest = Manifest(platform, requirements, own.name, host_provided, sets, entries)
+    manifest = Manifest(platform, requirements, own.name, host_provided, sets, untested, entries)
     (dest / MANIFEST).write_text(manifest.to_json())
     (dest / SUMS).write_text("".join(f"{p.sha256}  {p.file}\n" for w in entries for p in w.parts))
     return manifest
