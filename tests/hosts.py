@@ -52,7 +52,9 @@ class Host:
         /tmp (`root`/tmp), /run, /dev/shm and home for root (`root`/home, `public_key` authorized),
         and an /etc/hosts that names it by its address (Ray finds a node's address through its
         hostname where no default route exists). `hide` emptied; `share`, folders in this machine's
-        home, seen at the same place in the host's (the Python an installed environment runs on);
+        home or /tmp, seen at the same place in the host's own (the Python an installed environment
+        runs on, and the environment itself where the checkout is in /tmp); folders elsewhere are
+        seen as they are;
         its own /mnt, where /mnt/NAME is this machine's folder `mnt[NAME]` (as if NFS-mounted: hosts
         given the same folder share it). Its log: `root`/sshd.log. When
         this process ends, so does everything on the host (sshd is the namespace's init)."""
@@ -75,16 +77,22 @@ StrictModes no
 PidFile none
 Subsystem sftp internal-sftp
 """)
-        mounts = ["mount -t tmpfs distnet-mnt /mnt"]
+        # `hide` first: once the host's own /tmp (or /root, /mnt) is mounted, a folder under this
+        # machine's is gone from view and mounting over it fails (a checkout in /tmp, CI's own clone
+        # among them, hid ../shared there, and sshd never started).
+        mounts = [f"mount -t tmpfs distnet-hidden {d}" for d in hide if Path(d).is_dir()]
+        mounts += ["mount -t tmpfs distnet-mnt /mnt"]
         for name, d in (mnt or {}).items():
             mounts += [f"mkdir /mnt/{name}", f"mount --bind {d} /mnt/{name}"]
-        for d in share:
-            (home / d.relative_to(Path.home())).mkdir(parents=True, exist_ok=True)
-            mounts.append(f"mount --bind {d} {home / d.relative_to(Path.home())}")
-        mounts += [f"mount --rbind {home} /root", f"mount --bind {root / 'tmp'} /tmp",
+        for d in share:  # seen where they are, inside the host's own home or /tmp (mounted with them)
+            inside = home / d.relative_to(Path.home()) if d.is_relative_to(Path.home()) else \
+                root / "tmp" / d.relative_to("/tmp") if d.is_relative_to("/tmp") else None
+            if inside is not None:
+                inside.mkdir(parents=True, exist_ok=True)
+                mounts.append(f"mount --bind {d} {inside}")
+        mounts += [f"mount --rbind {home} /root", f"mount --rbind {root / 'tmp'} /tmp",
                   "mount -t tmpfs distnet-run /run", "mkdir -m 755 /run/sshd", "mount -t tmpfs distnet-shm /dev/shm",
                   "mount --bind /root/.sshd/hosts /etc/hosts"]
-        mounts += [f"mount -t tmpfs distnet-hidden {d}" for d in hide if Path(d).is_dir()]
         script = f"hostname {self.hostname} && " + " && ".join(mounts) + \
             " && exec /usr/sbin/sshd -D -e -f /root/.sshd/sshd_config"
         with open(root / "sshd.log", "w") as log:  # sh -x: each set-up step in the log, the failing one last

@@ -54,9 +54,10 @@ def launcher_file(workdir: Path, head: hosts.Host, worker: hosts.Host, key: Path
 
 
 def shared_python() -> list[Path]:
-    """The Python the installed environment runs on, where it lies in this machine's home (pyenv)."""
-    base = Path(sys.base_prefix).resolve()
-    return [base] if base.is_relative_to(Path.home()) else []
+    """The installed environment and the Python it runs on, where the hosts' own home and /tmp
+    would hide them (pyenv's in the home; a checkout in /tmp): tests/hosts.py shows them there."""
+    return [p for p in (Path(sys.base_prefix).resolve(), VENV.resolve())
+            if p.is_relative_to(Path.home()) or p.is_relative_to("/tmp")]
 
 
 @pytest.fixture
