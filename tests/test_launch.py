@@ -25,15 +25,25 @@ def config(workers, all_reduce="auto", **train):
                          "ray": {"num_workers": workers, "cpus_per_worker": 1, "all_reduce": all_reduce}, "data": SMALL})
 
 
+@pytest.fixture(scope="module")
+def one_worker(ray_cluster, tmp_path_factory) -> tuple[launch.TrainingResult, str]:
+    """The 1-worker training both all-reduce paths are compared with, trained once (and its store)."""
+    where = tmp_path_factory.mktemp("one-worker")
+    uri = f"sqlite:///{where / 'mlruns.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(where)
+        return launch.run_training(config(1, max_steps=20), uri, show_progress=False), uri
+
+
 @pytest.mark.parametrize("all_reduce", ["auto", "torch"])  # shared memory on one node; gloo as across nodes
-def test_two_workers_follow_the_one_worker_trajectory(ray_cluster, tracking_uri, tmp_path, monkeypatch, all_reduce):
+def test_two_workers_follow_the_one_worker_trajectory(one_worker, tracking_uri, tmp_path, monkeypatch, all_reduce):
     monkeypatch.chdir(tmp_path)
-    one = launch.run_training(config(1, max_steps=20), tracking_uri, show_progress=False)
+    one, one_uri = one_worker
     two = launch.run_training(config(2, all_reduce, max_steps=20), tracking_uri, show_progress=False)
     assert one.steps == two.steps == 20
     torch.testing.assert_close(two.theta, one.theta, atol=1e-5, rtol=0)
     client = MlflowClient(tracking_uri)  # the all-reduce each took, as its runs say
-    assert client.get_run(one.run_ids[0]).data.tags["distnet.all_reduce"] == "none"
+    assert MlflowClient(one_uri).get_run(one.run_ids[0]).data.tags["distnet.all_reduce"] == "none"
     assert client.get_run(two.run_ids[0]).data.tags["distnet.all_reduce"] == \
         {"auto": "shared_memory", "torch": "torch"}[all_reduce]
     # the runs did move: 20 steps at lr 0.5 change the parameters well beyond the tolerance
