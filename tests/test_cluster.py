@@ -396,14 +396,14 @@ def test_a_node_lost_mid_training_resumes_when_it_rejoins(two_node_cluster, tmp_
 
 
 GPU_PLACEMENT = """
-import json, os
+import json, os, sys
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from distnet import launch
 from distnet.config import build_config
 
 ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False)  # 4 declared GPUs
-cfg = build_config({"model": {"sizes": [784, 30, 10]}, "ray": {"use_gpu": True, "num_workers": 2}})
+cfg = build_config({"model": {"sizes": [784, 30, 10]}, "ray": json.loads(sys.argv[1])})
 bundles = launch.scaling_config(cfg).as_placement_group_factory().bundles
 pg = ray.util.placement_group(bundles)
 ray.get(pg.ready(), timeout=60)
@@ -413,21 +413,33 @@ def visible():
     return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 workers = [i for i, b in enumerate(bundles) if b.get("GPU")]
-seen = ray.get([visible.options(num_cpus=bundles[i]["CPU"], num_gpus=1,
+seen = ray.get([visible.options(num_cpus=bundles[i]["CPU"], num_gpus=bundles[i]["GPU"],
                                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote() for i in workers])
 print(json.dumps({"bundles": bundles, "visible": seen, "concurrency": launch.default_concurrency(cfg)}))
 """
 
 
-def test_gpu_config_reserves_one_gpu_per_worker_on_cpu_only_machine(tmp_path):
-    """The use_gpu placement path without a GPU: a Ray node with 4 declared GPUs, the scaling distnet
-    builds for ray.use_gpu=true, ray.num_workers=2, reserved as Ray Train would reserve it."""
+def placement(tmp_path: Path, ray_section: dict) -> dict:
+    """What a Ray node with 4 declared GPUs reserves for the scaling distnet builds from `ray_section`,
+    as Ray Train would reserve it: the bundles, each GPU worker's CUDA_VISIBLE_DEVICES, a sweep's lanes."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", GPU_PLACEMENT], env=env, capture_output=True, text=True,
-                          timeout=180, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", GPU_PLACEMENT, json.dumps(ray_section)], env=env,
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_gpu_config_reserves_one_gpu_per_worker_on_cpu_only_machine(tmp_path):
+    """The use_gpu placement path without a GPU: ray.use_gpu=true, ray.num_workers=2 reserve a GPU for
+    each worker; two workers sharing a GPU (ray.gpus_per_worker=0.5, gloo) half a GPU each; a sweep's
+    lanes are as many as the GPUs hold."""
+    out = placement(tmp_path, {"use_gpu": True, "num_workers": 2})
     workers = [b for b in out["bundles"] if b.get("GPU")]
     assert len(workers) == 2 and all(b["GPU"] == 1 and b["CPU"] == 1 for b in workers)
     assert sorted(out["visible"]) == sorted(set(out["visible"])) and len(out["visible"]) == 2  # one GPU each
     assert out["concurrency"] == 2  # a sweep runs 4 GPUs / 2 workers = 2 trainings at once
+    shared = placement(tmp_path, {"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5, "backend": "gloo"})
+    workers = [b for b in shared["bundles"] if b.get("GPU")]
+    assert len(workers) == 2 and all(b["GPU"] == 0.5 and b["CPU"] == 1 for b in workers)
+    assert all(len(v.split(",")) == 1 for v in shared["visible"])  # a device each (a share of one)
+    assert shared["concurrency"] == 4  # 4 GPUs / (2 workers x 0.5) trainings at once
