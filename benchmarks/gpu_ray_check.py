@@ -63,7 +63,7 @@ def compare(check: str, a: launch.TrainingResult, b: launch.TrainingResult, uri:
         return Row(check, f"different steps recorded: {len(ta['step'])} vs {len(tb['step'])}", False)
     rel = max(float(np.max(np.abs(ta[k] - tb[k]) / np.maximum(np.abs(tb[k]), 1e-12))) for k in tb if k != "step")
     theta = float((a.theta.cpu() - b.theta.cpu()).abs().max())
-    acc_key = next(k for k in schema.ACC_KEYS if k in b.metrics)
+    acc_key = schema.held_out_acc(b.metrics)
     acc = 100 * abs(a.metrics[acc_key][0] - b.metrics[acc_key][0])
     ok = a.steps == b.steps and theta <= THETA_ATOL and rel <= STEP_RTOL and acc <= ACC_PP
     return Row(check, f"{a.steps} steps; max abs diff of the parameters {theta:.2e}, max rel diff of "

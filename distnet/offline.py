@@ -128,13 +128,17 @@ def split(wheel: Path, dest: Path, part_bytes: int = PART_BYTES) -> Wheel:
     return Wheel(wheel.name, size, sha256(wheel), tuple(Part(p.name, p.stat().st_size, sha256(p)) for p in parts))
 
 
-def verify(bundle: Path) -> Manifest:
-    """The bundle's manifest, once every part is there with its size and SHA-256; else a BundleError
-    naming each part missing, truncated or altered."""
+def read_manifest(bundle: Path) -> Manifest:
     path = Path(bundle) / MANIFEST
     if not path.is_file():
         raise BundleError(f"{path}: no manifest; is {bundle} a bundle made by `python -m distnet.offline bundle`?")
-    manifest = Manifest.from_json(path.read_text())
+    return Manifest.from_json(path.read_text())
+
+
+def verify(bundle: Path) -> Manifest:
+    """The bundle's manifest, once every part is there with its size and SHA-256; else a BundleError
+    naming each part missing, truncated or altered."""
+    manifest = read_manifest(bundle)
     problems = []
     for wheel in manifest.wheels:
         for part in wheel.parts:
@@ -197,15 +201,15 @@ def requires(distnet_wheel: Path, extras: set[str], include: set[str]) -> list[s
     return out
 
 
-def pins(exclude: set[str]) -> list[tuple[str, str]]:
-    """(name, `name==version`) of every distribution where this runs (distnet's test environment),
+def pins(exclude: set[str]) -> dict[str, str]:
+    """name -> `name==version` of every distribution where this runs (distnet's test environment),
     as constraints: a bundle holds the versions the tests ran on."""
     found = {}
     for d in metadata.distributions():
         name = normalise(d.metadata["Name"] or "")
         if name and name not in exclude and "+" not in d.version:
             found[name] = f"{name}=={d.version}"
-    return sorted(found.items())
+    return found
 
 
 def missing(pip_said: str) -> list[str]:
@@ -256,6 +260,7 @@ def bundle(dest: Path, pythons=PYTHONS, platform: str = PLATFORM, extras: set[st
     unknown = set(include) - set(HOST_PROVIDED)
     if unknown:
         raise BundleError(f"--include {','.join(sorted(unknown))}: only {', '.join(HOST_PROVIDED)} are left out to include")
+    left_out = set(HOST_PROVIDED) - set(include)
     with tempfile.TemporaryDirectory() as tmp:
         wheels = Path(tmp) / "wheels"
         # setuptools where this runs builds it; else pip fetches it into an isolated build environment
@@ -265,7 +270,7 @@ def bundle(dest: Path, pythons=PYTHONS, platform: str = PLATFORM, extras: set[st
             raise BundleError(f"building distnet's wheel failed:\n{built.stderr[-2000:]}")
         (own,) = wheels.glob("distnet-*.whl")
         reqs = requires(own, set(extras), set(include))
-        pinned = dict(pins({"distnet", *HOST_PROVIDED} - set(include)))
+        pinned = pins({"distnet", *left_out})
         sets, untested = {}, {}
         for py in pythons:
             say(f"resolving for CPython {py} on {platform}: {' '.join(reqs)}")
@@ -274,12 +279,12 @@ def bundle(dest: Path, pythons=PYTHONS, platform: str = PLATFORM, extras: set[st
                 say(f"  CPython {py}: some tested version has no wheel for it, resolved afresh; not the tested "
                     f"versions: {', '.join(loose)}")
                 untested[py] = tuple(loose)
-            kept = sorted(w for w in into.glob("*.whl") if project(w.name) not in set(HOST_PROVIDED) - set(include))
+            kept = sorted(w for w in into.glob("*.whl") if project(w.name) not in left_out)
             for w in kept:
                 shutil.move(w, wheels / w.name)  # a pure-Python wheel serves every version: kept once
             sets[py] = (own.name, *(w.name for w in kept))
         manifest = write(dest, own, sorted(w for w in wheels.glob("*.whl") if w != own), platform, tuple(reqs),
-                         tuple(sorted(set(HOST_PROVIDED) - set(include))), sets, untested, part_bytes)
+                         tuple(sorted(left_out)), sets, untested, part_bytes)
     say(f"bundle {dest}: {len(manifest.wheels)} wheels, {sum(len(w.parts) for w in manifest.wheels)} parts of at most "
         f"{part_bytes / 2**20:.0f} MiB, {sum(w.size for w in manifest.wheels) / 2**20:.0f} MiB in all")
     return manifest
@@ -330,7 +335,7 @@ def offline_env() -> dict:
 def install(bundle_dir: Path, venv: Path, python: str = sys.executable, say=print) -> Path:
     """Verify and reassemble the bundle, make `venv` over `python`'s own torch and numpy, install the
     wheels with no index, then run `distnet list` from it. Returns the venv's distnet command."""
-    manifest = verify(bundle_dir)
+    manifest = read_manifest(bundle_dir)  # every part is checked as it is reassembled, below
     need = tuple(n for n in HOST_PROVIDED if n in manifest.host_provided)
     info = host(python, need)
     absent = [n for n in need if info["found"][n] is None]
@@ -344,16 +349,16 @@ def install(bundle_dir: Path, venv: Path, python: str = sys.executable, say=prin
         raise BundleError(f"{python} is CPython {info['python']}; the bundle has wheels for "
                           f"{', '.join(manifest.pythons)}: make one with --python {info['python']}")
     say(f"host: CPython {info['python']}" + "".join(f", {n} {v}" for n, v in info["found"].items()))
-    venv = Path(venv).absolute()
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([python, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    if info["venv"]:  # a venv's own site-packages are not a venv-over-it's "system" ones
-        (site_dir,) = (venv / "lib").glob("python*/site-packages")
-        (site_dir / "distnet-host.pth").write_text("".join(p + "\n" for p in info["site"]))
     with tempfile.TemporaryDirectory() as tmp:
         wheels = Path(tmp) / "wheels"
         wheels.mkdir()
-        reassemble(bundle_dir, wheels)
+        reassemble(bundle_dir, wheels)  # a damaged bundle stops here, before anything is made
+        venv = Path(venv).absolute()
+        if not (venv / "bin" / "python").exists():
+            subprocess.run([python, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        if info["venv"]:  # a venv's own site-packages are not a venv-over-it's "system" ones
+            (site_dir,) = (venv / "lib").glob("python*/site-packages")
+            (site_dir / "distnet-host.pth").write_text("".join(p + "\n" for p in info["site"]))
         (Path(tmp) / "requirements.txt").write_text("\n".join(manifest.pinned(info["python"])) + "\n")
         py = str(venv / "bin" / "python")
         for args in (["-r", f"{tmp}/requirements.txt"], ["--no-deps", str(wheels / manifest.distnet)]):

@@ -43,7 +43,15 @@ def bundle() -> offline.Manifest:
     return offline.verify(BUNDLE)
 
 
-def test_every_part_fits_and_the_wheels_reassemble_whole(bundle, tmp_path):
+@pytest.fixture(scope="module")
+def whole(bundle, tmp_path_factory) -> Path:
+    """The bundle's wheels reassembled, once for the module."""
+    out = tmp_path_factory.mktemp("whole")
+    offline.reassemble(BUNDLE, out)
+    return out
+
+
+def test_every_part_fits_and_the_wheels_reassemble_whole(bundle, whole):
     files = sorted(BUNDLE.iterdir())
     assert all(f.stat().st_size <= offline.PART_BYTES for f in files), [f.name for f in files if f.stat().st_size > offline.PART_BYTES]
     assert {f.name for f in files} == {p.file for w in bundle.wheels for p in w.parts} | {offline.MANIFEST, offline.SUMS}
@@ -53,20 +61,16 @@ def test_every_part_fits_and_the_wheels_reassemble_whole(bundle, tmp_path):
     assert not {"torch", "numpy"} & by_project.keys()  # the host's own
     assert {"mlflow-skinny", "sqlalchemy", "alembic", "pyarrow", "pyyaml", "distnet"} <= by_project.keys()
     assert not {"mlflow", "matplotlib", "scikit-learn", "scipy"} & by_project.keys()  # extras stay out
-    offline.reassemble(BUNDLE, tmp_path)
     for w in bundle.wheels:
-        assert offline.sha256(tmp_path / w.file) == w.sha256 and (tmp_path / w.file).stat().st_size == w.size
-        with zipfile.ZipFile(tmp_path / w.file) as z:
+        assert offline.sha256(whole / w.file) == w.sha256 and (whole / w.file).stat().st_size == w.size
+        with zipfile.ZipFile(whole / w.file) as z:
             assert z.testzip() is None, w.file  # every member's CRC: the parts joined in order
     sums = dict(line.split("  ")[::-1] for line in (BUNDLE / offline.SUMS).read_text().splitlines())
     assert sums == {p.file: p.sha256 for w in bundle.wheels for p in w.parts}
 
 
-def small_bundle(tmp_path: Path, bundle: offline.Manifest) -> Path:
+def small_bundle(tmp_path: Path, bundle: offline.Manifest, whole: Path) -> Path:
     """Three real wheels of the bundle cut into 256 KiB parts."""
-    whole = tmp_path / "whole"
-    whole.mkdir()
-    offline.reassemble(BUNDLE, whole)
     picked = [whole / w.file for w in bundle.wheels if offline.project(w.file) in ("pyyaml", "sqlalchemy", "alembic")]
     own = whole / bundle.distnet
     dest = tmp_path / "small"
@@ -75,8 +79,8 @@ def small_bundle(tmp_path: Path, bundle: offline.Manifest) -> Path:
     return dest
 
 
-def test_a_damaged_bundle_is_refused_naming_each_part(bundle, tmp_path):
-    dest = small_bundle(tmp_path, bundle)
+def test_a_damaged_bundle_is_refused_naming_each_part(bundle, whole, tmp_path):
+    dest = small_bundle(tmp_path, bundle, whole)
     manifest = offline.verify(dest)
     sqla = next(w for w in manifest.wheels if offline.project(w.file) == "sqlalchemy")
     assert len(sqla.parts) > 4 and all(p.size <= 256 * 2**10 for p in sqla.parts)
@@ -110,12 +114,9 @@ def test_a_host_without_torch_is_told_what_to_install(bundle, tmp_path):
     assert "--include torch,numpy" in proc.stderr and not (tmp_path / "v").exists()
 
 
-def test_a_python_without_a_wheel_is_named_with_the_package(bundle, tmp_path):
+def test_a_python_without_a_wheel_is_named_with_the_package(bundle, whole, tmp_path):
     """Bundling again from the bundle's own wheels, no index: for this Python the same wheels (the
     pins hold); for CPython 3.12 Ray's cp311 wheel does not fit, and the error says so."""
-    whole = tmp_path / "whole"
-    whole.mkdir()
-    offline.reassemble(BUNDLE, whole)
     links = [str(whole), str(HOST_WHEELS)]  # the bundle's, and the host's numpy they resolve against
     again = offline.bundle(tmp_path / "again", bundle.pythons, find_links=links, say=lambda *_: None)
     assert {w.file: w.sha256 for w in again.wheels if w.file != again.distnet} == \
