@@ -111,47 +111,63 @@ def test_unknown_selector_is_refused(tracking_uri):
         report.find_runs(tracking_uri, ["no-such-sweep"])
 
 
-def test_report_on_a_tiny_finished_sweep(ray_cluster, tracking_uri, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    sw = sweep.build_sweep({
-        "name": "tiny", "model": {"width": 16, "activation": "sigmoid"},
-        "train": {"epochs": 2, "log_every": 5}, "data": {"train_limit": 1280, "eval_limit": 300},
-        "ray": {"num_workers": 1}, "mlflow": {"experiment": "report"}, "sweep": {"pack": 8},
-        "grid": {"model.depth": [1, 2], "model.init": ["xavier_normal", "nielsen"], "seed": [0, 1]}})
-    result = launch.run_sweep(sw, tracking_uri, say=lambda *_: None)
-    assert result.trained == 8 and not result.failed
+@pytest.fixture(scope="module")
+def both(ray_cluster, tmp_path_factory) -> tuple[str, launch.SweepResult]:
+    """A real sweep, trained once for the module's report tests: 16 cells (2 depths x 2 inits x 2
+    activations x 2 seeds), 2 epochs of 10 steps each, 4 jobs of 4 cells. (Its store and result.)"""
+    where = tmp_path_factory.mktemp("both")
+    uri = f"sqlite:///{where / 'mlruns.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(where)
+        result = launch.run_sweep(sweep.build_sweep({
+            "name": "both", "model": {"width": 16}, "train": {"epochs": 2, "log_every": 5},
+            "data": {"train_limit": 1280, "eval_limit": 300}, "ray": {"num_workers": 1},
+            "mlflow": {"experiment": "both"}, "sweep": {"pack": 8},
+            "grid": {"model.depth": [1, 2], "model.init": ["xavier_normal", "nielsen"],
+                     "model.activation": ["sigmoid", "tanh"], "seed": [0, 1]}}), uri, say=lambda *_: None)
+    assert result.trained == 16 and not result.failed
+    return uri, result
 
+
+def test_report_on_a_finished_sweep(both, tmp_path):
+    """`distnet report` on a real sweep: every file, each figure's panels and lines, the per-step
+    curves equal to the step tables' seed means, the tables' rows, the report logged to the sweep."""
+    tracking_uri, result = both
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, "-m", "distnet.cli", "report", "--tracking-uri", tracking_uri,
-                           "--out", str(out), "tiny"], capture_output=True, text=True, timeout=300)
+                           "--out", str(out), "both"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"open the UI: distnet ui {result.parent_run_id} --tracking-uri {tracking_uri}" in proc.stdout
-    expected = {f"{kind}_sigmoid_{init}.png" for kind in ("speed", "saturation", "activation", "grad_norm")
-                for init in ("xavier_normal", "nielsen")} | {"init_profile.png", "accuracy.png", "report.md"}
+    expected = {f"{kind}_{act}_{init}.png" for kind in ("speed", "saturation", "activation", "grad_norm")
+                for act in ("sigmoid", "tanh") for init in ("xavier_normal", "nielsen")} | \
+        {"init_profile.png", "accuracy.png", "report.md"}
     assert {p.name for p in out.iterdir()} == expected
     for png in out.glob("*.png"):
         h, w, _ = matplotlib.image.imread(png).shape
         assert h > 200 and w > 200
 
-    manifest, _ = report.report(tracking_uri, ["tiny"], tmp_path / "again")
-    for init in ("xavier_normal", "nielsen"):
-        for kind in ("speed", "saturation", "activation"):  # a panel per depth, a line per hidden layer
-            assert manifest[f"{kind}_sigmoid_{init}.png"] == {"panels": 2, "lines": [1, 2], "cells": [0, 0]}
-        # every layer's weight-gradient norm at every step: a line per layer, output layer included
-        assert manifest[f"grad_norm_sigmoid_{init}.png"] == {"panels": 2, "lines": [2, 3], "cells": [0, 0]}
-    assert manifest["init_profile.png"] == {"panels": 2, "lines": [2, 2], "cells": [0, 0]}  # a line per depth
+    manifest, _ = report.report(tracking_uri, ["both"], tmp_path / "again")
+    for act in ("sigmoid", "tanh"):
+        for init in ("xavier_normal", "nielsen"):
+            for kind in ("speed", "saturation", "activation"):  # a panel per depth, a line per hidden layer
+                assert manifest[f"{kind}_{act}_{init}.png"] == {"panels": 2, "lines": [1, 2], "cells": [0, 0]}
+            # every layer's weight-gradient norm at every step: a line per layer, output layer included
+            assert manifest[f"grad_norm_{act}_{init}.png"] == {"panels": 2, "lines": [2, 3], "cells": [0, 0]}
+    # a panel per activation x init, a line per depth
+    assert manifest["init_profile.png"] == {"panels": 4, "lines": [2, 2, 2, 2], "cells": [0, 0, 0, 0]}
     # The per-step curves are the step tables' values, averaged over the seeds.
-    runs = report.read_runs(tracking_uri, report.find_runs(tracking_uri, ["tiny"])[0])
+    runs = report.read_runs(tracking_uri, report.find_runs(tracking_uri, ["both"])[0])
     curve = report.step_curves(runs)[("sigmoid", "xavier_normal")][2][3]  # depth 2, output layer
-    cell = [r for r in runs if (r.init, r.depth) == ("xavier_normal", 2)]
+    cell = [r for r in runs if (r.activation, r.init, r.depth) == ("sigmoid", "xavier_normal", 2)]
     tables = [steptable.read(MlflowClient(tracking_uri), r.run_id) for r in cell]
     np.testing.assert_array_equal(curve.x, np.arange(20))
     np.testing.assert_allclose(curve.mean, np.mean([t["grad_norm/w/layer_3"] for t in tables], 0), rtol=1e-6)
     np.testing.assert_allclose(curve.hi, np.max([t["grad_norm/w/layer_3"] for t in tables], 0), rtol=1e-6)
-    assert manifest["accuracy.png"]["cells"] == [4]  # 2 depths x 2 inits, one activation
+    assert manifest["accuracy.png"]["cells"] == [4, 4]  # 2 depths x 2 inits, a panel per activation
     text = (out / "report.md").read_text()
-    assert "8 runs in 4 cells" in text and "2 finished" in text
-    assert text.count("| sigmoid |") == 8  # a row per cell in each table: accuracy, speed at init
+    assert "16 runs in 8 cells" in text and "2 finished" in text
+    # a row per cell in each table: accuracy, speed at init
+    assert text.count("| sigmoid |") == text.count("| tanh |") == 8
 
     client = MlflowClient(tracking_uri)
     logged = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
@@ -196,18 +212,11 @@ def assert_same_runs(a: list[report.Run], b: list[report.Run]) -> None:
             assert x.steps[k].dtype == y.steps[k].dtype and np.array_equal(x.steps[k], y.steps[k]), k
 
 
-def test_records_and_run_reads_give_the_same_report(ray_cluster, tracking_uri, tmp_path, monkeypatch):
+def test_records_and_run_reads_give_the_same_report(both, tmp_path, monkeypatch):
     """A real sweep read from its cell records, and run by run: the same Runs and the same report;
     a job whose part is gone is read from its runs; past the group cap, the figures of the groups
-    drawn and a word on the others."""
-    monkeypatch.chdir(tmp_path)
-    sw = sweep.build_sweep({
-        "name": "both", "model": {"width": 16}, "train": {"epochs": 2, "log_every": 5},
-        "data": {"train_limit": 1280, "eval_limit": 300}, "ray": {"num_workers": 1}, "mlflow": {"experiment": "both"},
-        "sweep": {"pack": 8}, "grid": {"model.depth": [1, 2], "model.init": ["xavier_normal", "nielsen"],
-                                       "model.activation": ["sigmoid", "tanh"], "seed": [0, 1]}})
-    result = launch.run_sweep(sw, tracking_uri, say=lambda *_: None)
-    assert result.trained == 16 and not result.failed
+    drawn and a word on the others. (Last in the module: it deletes one of the sweep's parts.)"""
+    tracking_uri, _ = both
     listed, parent, _ = report.find_runs(tracking_uri, ["both"])
     per_run = report.read_runs(tracking_uri, listed)
     assert all(sorted(r.acc_series) == [0, 1, 2] and len(r.steps["step"]) == 20 for r in per_run)
