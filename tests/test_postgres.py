@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 import records
 from browser import body, charts_each_layers_gradient_norm, log_in, training_pages
 from conftest import RecordingSink, free_port, http_status
-from distnet import cli, data, launch, metrics, schema, steptable, sweep, tracking, tracking_server, ui, worker
+from distnet import cli, data, launch, schema, sweep, tracking, tracking_server, ui, worker
 from distnet.config import config_hash, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,99 +67,50 @@ def postgres_mlflow():
         shutil.rmtree(state, ignore_errors=True)
 
 
-def test_postgres_backed_server_takes_a_104_cell_sweep_from_concurrent_trainings(ray_cluster, postgres_mlflow,
-                                                                                 tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    uri = postgres_mlflow.uri
-    assert MlflowClient(uri).search_experiments()  # a real server: the default experiment is there
-    raw = {"name": "pg104", "model": {"width": 16, "activation": "tanh"},
-           "train": {"epochs": 1, "log_every": 4}, "data": {"train_limit": 1280, "eval_limit": 200},  # 10 steps
-           "ray": {"num_workers": 1, "cpus_per_worker": 1, "storage_path": str(tmp_path / "runs")},
-           "mlflow": {"experiment": "pg"}, "sweep": {"pack": 13, "max_concurrent": 2},  # 8 trainings, 2 at once
-           "grid": {"model.depth": [1, 2], "model.init": ["xavier_normal", "he_normal", "nielsen_scaled", "lecun_normal"],
-                    "seed": list(range(13))}}
-    said = []
-    result = launch.run_sweep(sweep.build_sweep(raw), uri, say=said.append)
-    assert result.trained == 104 and not result.failed
-    client = MlflowClient(uri)
-    runs = tracking.child_runs(uri, result.parent_run_id)
-    assert len(runs) == 104 and len({r.data.tags["distnet.cell_id"] for r in runs}) == 104
-    # The trainings wrote with the login that distnet handed them: Ray's workers have none of their own.
-    password = os.environ[tracking_server.PASSWORD]
-    assert ray.get(ray.remote(lambda: tracking_server.PASSWORD in os.environ).remote()) is False
-    # ... and it is nowhere in the records or in what the driver said.
-    parent = client.get_run(result.parent_run_id)
-    assert not any(password in str(v) for v in [*said, *parent.data.params.values(), *parent.data.tags.values()])
-    assert password not in Path(client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path))).read_text()
-
-    def check(r) -> tuple[str, list[int]]:
-        """One cell against its step table; its lane and test/acc timestamps."""
-        assert r.info.status == "FINISHED" and r.data.tags["distnet.status"] == "finished"
-        assert not any(password in v for v in [*r.data.params.values(), *r.data.tags.values()])
-        with tempfile.TemporaryDirectory() as tmp:
-            assert password not in Path(client.download_artifacts(r.info.run_id, "config.yaml", tmp)).read_text()
-        depth = int(r.data.tags["depth"])
-        table = steptable.read(client, r.info.run_id)  # every step once, nothing lost
-        np.testing.assert_array_equal(table["step"], np.arange(10))
-        assert np.isfinite(table["grad_norm/w/layer_1"]).all()
-        for name in metrics.step_names(depth + 1):  # 10 steps: one MLflow point per step, the table's value
-            hist = sorted(client.get_metric_history(r.info.run_id, name), key=lambda m: m.step)
-            np.testing.assert_allclose([m.value for m in hist], table[name], rtol=1e-6)
-        acc = client.get_metric_history(r.info.run_id, "test/acc")
-        assert sorted(m.step for m in acc) == [0, 1]
-        return r.data.tags["distnet.lane"], [m.timestamp for m in acc]
-
-    spans: dict[str, list[int]] = {}
-    with ThreadPoolExecutor(8) as pool:  # the reads are HTTP round trips: several in flight at once
-        for lane, stamps in pool.map(check, runs):
-            spans.setdefault(lane, []).extend(stamps)
-    # The two lanes wrote at the same time: their spans of metric timestamps overlap.
-    assert set(spans) == {"0", "1"}
-    assert max(min(t) for t in spans.values()) < min(max(t) for t in spans.values())
-    assert {row["run_id"] for row in result.rows} == {r.info.run_id for r in runs}
-    assert all(np.isfinite(row["ratio_init"]) for row in result.rows)  # the summary read the step tables
-    # `distnet ui` on the server: the link, and how a person logs in (not the password).
-    capsys.readouterr()
-    assert cli.main(["ui", "pg104", "--tracking-uri", uri]) == 0
-    out = capsys.readouterr().out
-    assert f"{uri}/#/experiments/{parent.info.experiment_id}" in out
-    assert "the server asks for a login: user 'admin', password as in MLFLOW_TRACKING_PASSWORD" in out
-    assert password not in out
-
-
-def test_every_value_through_the_server_matches_the_trainings_after_a_driver_kill(ray_cluster, postgres_mlflow,
-                                                                                 tmp_path):
-    """36 cells in 12 jobs on 2 concurrent lanes through the server; the driver is SIGKILLed once some
-    cells are finished, the same sweep run again: every cell has one run whose params, tags, every
-    metric value, step table and summary row are what its training computes (each cell trained again
-    here, alone, with the recording sink), none written twice; the killed driver had created runs
-    only a few jobs ahead of the lanes."""
-    uri = postgres_mlflow.uri
-    spec = tmp_path / "kill.yaml"
-    spec.write_text(f"""name: pgkill
+PACK = 13
+SWEEP_104 = f"""name: pg104
 model: {{width: 16, activation: tanh}}
 data: {{train_limit: 1280, eval_limit: 200}}  # 10 steps
 train: {{epochs: 1, log_every: 4, metric_points: 5}}  # intervals of 2 steps
-ray: {{num_workers: 1, storage_path: {tmp_path / 'runs'}}}
-mlflow: {{experiment: pgkill}}
-sweep: {{pack: 3, max_concurrent: 2}}
-grid: {{model.depth: [1, 2], model.init: [xavier_normal, he_normal, lecun_normal], seed: [0, 1, 2, 3, 4, 5]}}
-""")
+ray: {{num_workers: 1, cpus_per_worker: 1, storage_path: runs}}
+mlflow: {{experiment: pg}}
+sweep: {{pack: {PACK}, max_concurrent: 2}}  # 8 trainings, 2 at once
+grid: {{model.depth: [1, 2], model.init: [xavier_normal, he_normal, nielsen_scaled, lecun_normal], seed: [{", ".join(map(str, range(13)))}]}}
+"""
+
+
+def test_a_104_cell_sweep_through_the_server_after_a_driver_kill_holds_every_value(ray_cluster, postgres_mlflow,
+                                                                                   tmp_path, monkeypatch, capsys):
+    """104 cells (2 depths x 4 inits x 13 seeds) in 8 jobs on 2 concurrent lanes through the server.
+    `distnet sweep` is SIGKILLed once some cells are finished and the same sweep run again: every
+    cell has one run whose params, tags, every metric value, step table and summary row are what its
+    training computes (each pack trained again here, alone, with the recording sink), none written
+    twice; the killed driver had created runs only a few jobs ahead of the lanes; the two lanes
+    wrote at the same time. The trainings wrote with the login that distnet handed them (Ray's
+    workers have none), and it is nowhere in the records or in what either driver said; `distnet
+    ui` prints the link and how a person logs in."""
+    monkeypatch.chdir(tmp_path)
+    uri = postgres_mlflow.uri
+    assert MlflowClient(uri).search_experiments()  # a real server: the default experiment is there
+    spec = tmp_path / "pg104.yaml"
+    spec.write_text(SWEEP_104)
     client = MlflowClient(uri)
 
     def cells(status: str | None = None) -> list:
-        exp = client.get_experiment_by_name("pgkill")
+        exp = client.get_experiment_by_name("pg")
         query = "tags.`distnet.cell_id` != ''" + (f" and attributes.status = '{status}'" if status else "")
-        return client.search_runs([exp.experiment_id], query) if exp else []
+        return client.search_runs([exp.experiment_id], query, max_results=1000) if exp else []
 
-    proc = subprocess.Popen([sys.executable, "-m", "distnet.cli", "sweep", str(spec), "--tracking-uri", uri,
-                             "--address", ray_cluster], cwd=tmp_path, env={**os.environ, "RAY_AUTH_MODE": "token"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not cells("FINISHED") and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed_said = tmp_path / "killed.out"
+    with open(killed_said, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "distnet.cli", "sweep", str(spec), "--tracking-uri", uri,
+                                 "--address", ray_cluster], cwd=tmp_path, env={**os.environ, "RAY_AUTH_MODE": "token"},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while not cells("FINISHED") and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     # Ray ends the dead driver's trainers; a rank 0 closing its job as the driver died may still
     # finish it. Until nothing changes for 5 s:
     seen, still = None, time.time()
@@ -168,54 +119,73 @@ grid: {{model.depth: [1, 2], model.init: [xavier_normal, he_normal, lecun_normal
         seen, still = now, still if now == seen else time.time()
         time.sleep(0.5)
     finished, created = {r.info.run_id for r in cells("FINISHED")}, cells()
-    assert 1 <= len(finished) < 36
+    assert 1 <= len(finished) < 104
     # Runs exist only for finished jobs, the two lanes' jobs, the two queued and the one being made.
-    assert len(created) <= len(finished) + 5 * 3 and len(created) < 36
+    assert len(created) <= len(finished) + 5 * PACK and len(created) < 104
 
     sw = sweep.load_sweep(spec)
-    result = launch.run_sweep(sw, uri, address=ray_cluster, say=lambda *_: None)
-    assert result.trained == 36 - len(finished) and not result.failed
+    said = []
+    result = launch.run_sweep(sw, uri, address=ray_cluster, say=said.append)
+    assert result.trained == 104 - len(finished) and not result.failed
     live = {r.data.tags["distnet.cell_id"]: r for r in cells()}
-    assert len(cells()) == len(live) == 36  # one live run per cell
+    assert len(cells()) == len(live) == 104  # one live run per cell
     assert finished <= {r.info.run_id for r in live.values()}  # the finished cells kept theirs
-    mnist = data.load_mnist()
-    arrays = data.select(mnist, "test", 1280, 200)
-    rows = {r["cell"]: r for r in result.rows}
+    assert {r.info.run_id for r in tracking.child_runs(uri, result.parent_run_id)} == \
+        {r.info.run_id for r in live.values()}
+    # The trainings wrote with the login that distnet handed them: Ray's workers have none of their own.
+    password = os.environ[tracking_server.PASSWORD]
+    assert ray.get(ray.remote(lambda: tracking_server.PASSWORD in os.environ).remote()) is False
+    # ... and it is nowhere in the records or in what the drivers said.
+    parent = client.get_run(result.parent_run_id)
+    assert not any(password in str(v) for v in [*said, killed_said.read_text(), *parent.data.params.values(),
+                                                *parent.data.tags.values()])
     summary = Path(client.download_artifacts(result.parent_run_id, "summary.csv", str(tmp_path))).read_text()
-    assert summary == sweep.summary_csv(result.rows)
+    assert password not in summary and summary == sweep.summary_csv(result.rows)
 
     # What each cell's training computed: its pack trained again here with the recording sink. The
     # killed driver packed all cells; the rerun, the ones it found unfinished.
+    arrays = data.select(data.load_mnist(), "test", 1280, 200)
     rerun = [c for c in sw.cells if live[c.id].info.run_id not in finished]
-    packs = {False: sweep.packs(sw.cells, 3), True: sweep.packs(rerun, 3)}
+    packs = {False: sweep.packs(sw.cells, PACK), True: sweep.packs(rerun, PACK)}
     computed = {}
+    rows = {r["cell"]: r for r in result.rows}
+
+    def pack_of(cell) -> tuple[tuple[bool, int], list]:
+        """(rerun or not, job index) of the pack `cell` trained in, and the pack's cells."""
+        run = live[cell.id]
+        key = (run.info.run_id not in finished, int(run.data.params["name"].rsplit("-", 1)[1]))
+        return key, packs[key[0]][key[1]]
+
+    for cell in sw.cells:
+        key, group = pack_of(cell)
+        if key not in computed:
+            computed[key] = RecordingSink()
+            worker.train(sweep.population_config(group, f"pg104-{key[1]}"), arrays, worker.WorkerEnv(), computed[key])
 
     def recorded(cell) -> tuple[RecordingSink, int]:
         """The recording of the pack `cell` trained in, and its member index there."""
-        run = live[cell.id]
-        i = int(run.data.params["name"].rsplit("-", 1)[1])
-        group = packs[run.info.run_id not in finished][i]
-        key = (run.info.run_id not in finished, i)
-        if key not in computed:
-            computed[key] = RecordingSink()
-            worker.train(sweep.population_config(group, f"pgkill-{i}"), arrays, worker.WorkerEnv(), computed[key])
+        key, group = pack_of(cell)
         return computed[key], [c.id for c in group].index(cell.id)
 
-    def check(cell) -> None:
+    def check(cell) -> tuple[str, list[int]]:
+        """One cell against its training; its lane and test/acc timestamps."""
         run = live[cell.id]
         cfg = cell.config
         sink, k = recorded(cell)
         assert run.info.status == "FINISHED" and run.data.tags["distnet.status"] == "finished"
+        assert not any(password in v for v in [*run.data.params.values(), *run.data.tags.values()])
+        with tempfile.TemporaryDirectory() as tmp:
+            assert password not in Path(client.download_artifacts(run.info.run_id, "config.yaml", tmp)).read_text()
         params = dict(run.data.params)
         job = params.pop("name")  # its pack's training: the member config is the cell's, named so
-        assert re.fullmatch(r"pgkill-\d+", job)
+        assert re.fullmatch(r"pg104-\d+", job)
         assert params == {k: str(v) for k, v in flatten(cfg.member_config(0)).items() if k != "name"}
         expected_tags = {**tracking.member_tags(cfg, 0), "config_hash": config_hash({**cfg.member_config(0), "name": job}),
                          "distnet.cell_id": cell.id, "distnet.all_reduce": "none",
                          "mlflow.parentRunId": result.parent_run_id, **{k: str(v) for k, v in cell.axes.items()}}
         assert expected_tags.items() <= run.data.tags.items()
-        assert run.info.run_name == f"pgkill/{cell.label}"
-        table = records.assert_run_holds(client, run, sink, k)
+        assert run.info.run_name == f"pg104/{cell.label}"
+        table = records.assert_run_holds(client, run, sink, k)  # every step once, every MLflow value
         np.testing.assert_array_equal(table["step"], np.arange(10))
         first, last = (np.float64(table[f"grad_norm/w/layer_{l}"]) for l in (1, cfg.model.depth + 1))
         row = rows[cell.label]
@@ -225,9 +195,24 @@ grid: {{model.depth: [1, 2], model.init: [xavier_normal, he_normal, lecun_normal
         assert row["ratio_end"] == pytest.approx(first[-1] / last[-1], rel=1e-12)
         assert run.data.metrics[schema.RATIO_INIT] == row["ratio_init"]
         assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        acc = client.get_metric_history(run.info.run_id, "test/acc")
+        assert sorted(m.step for m in acc) == [0, 1]
+        return run.data.tags["distnet.lane"], [m.timestamp for m in acc]
 
-    for cell in sw.cells:
-        check(cell)
+    spans: dict[str, list[int]] = {}
+    with ThreadPoolExecutor(8) as pool:  # the reads are HTTP round trips: several in flight at once
+        for lane, stamps in pool.map(check, sw.cells):
+            spans.setdefault(lane, []).extend(stamps)
+    # The two lanes wrote at the same time: their spans of metric timestamps overlap.
+    assert set(spans) == {"0", "1"}
+    assert max(min(t) for t in spans.values()) < min(max(t) for t in spans.values())
+    # `distnet ui` on the server: the link, and how a person logs in (not the password).
+    capsys.readouterr()
+    assert cli.main(["ui", "pg104", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"{uri}/#/experiments/{parent.info.experiment_id}" in out
+    assert "the server asks for a login: user 'admin', password as in MLFLOW_TRACKING_PASSWORD" in out
+    assert password not in out
 
 
 def test_the_server_answers_only_its_login_and_its_own_host_names(postgres_mlflow):
