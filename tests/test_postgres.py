@@ -109,6 +109,7 @@ def test_a_104_cell_sweep_through_the_server_after_a_driver_kill_holds_every_val
         deadline = time.time() + 300
         while not cells("FINISHED") and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
+        assert proc.poll() is None, f"the sweep ended first ({proc.returncode}):\n{killed_said.read_text()[-4000:]}"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     # Ray ends the dead driver's trainers; a rank 0 closing its job as the driver died may still
