@@ -79,6 +79,7 @@ check: install
 # Benchmarks print markdown tables; docs/benchmarks.md keeps the results with the machine.
 bench: install
 	PYTHONPATH=benchmarks $(BIN)/python benchmarks/bench.py --reps 3
+	PYTHONPATH=benchmarks $(BIN)/python benchmarks/trainer_floor.py --reps 3
 
 # The GPU path on a CUDA host (tests/test_gpu.py with a GPU required, then the GPU table of
 # docs/benchmarks.md). Needs only torch, numpy and pyyaml: no install step, so it runs on a bare GPU
