@@ -22,10 +22,10 @@ MARKED_BY_FIXTURE = {"ray_cluster": "ray", "browser": "browser"}
 
 def pytest_configure(config):
     # Ray Train's controller looks at its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
-    # default), and a training's start and its end each wait for a look: 0.2 s takes 4-5 s off each
-    # of the suite's many short trainings (a no-op TorchTrainer here: 14.5 -> 9.8 s with one worker,
-    # 17.4 -> 11.9 s with two). A setting users have too; every Ray, driver and command the tests
-    # start inherits it from here.
+    # default), and a training's start and its end each wait for a look: 0.2 s takes 3-4 s off each
+    # of the suite's many short trainings (benchmarks/trainer_floor.py: a no-op TorchTrainer 14.5 ->
+    # 10.2 s with one worker, 15.4 -> 12.4 s with two). A setting users have too; every Ray, driver
+    # and command the tests start inherits it from here.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 

@@ -105,10 +105,11 @@ class Cluster:
         if not tracking_server.answers(self.mlflow):
             self.start_server()
             tracking_server.wait_for_server(self.mlflow, log=self.state / "mlflow.log")
+        # Each look is a `ray list nodes` command (seconds): one where the cluster is whole.
         if self.node2.address not in node_ids(self):
             hosts.end_processes(self.node2.pids)  # what is left of the lost node's
             self.start_node2()
-        assert wait_for(lambda: len(node_ids(self)) == 2, 60), node_ids(self)
+            assert wait_for(lambda: len(node_ids(self)) == 2, 60), node_ids(self)
 
 
 # Ray's health checks of its nodes (GCS settings a cluster's head takes from its environment, as
