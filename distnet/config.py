@@ -25,6 +25,7 @@ from distnet import registry
 
 N_INPUTS = 784  # MNIST pixels
 N_CLASSES = 10
+KILL_POINTS = ("step", "flush", "commit")  # fault.kill_in
 
 
 class ConfigError(ValueError):
@@ -136,9 +137,11 @@ class FaultConfig:
     kill_at_step: Optional[int] = field(default=None, metadata=_at_least(0))
     kill_rank: int = field(default=0, metadata=_at_least(0))
     once_marker: Optional[str] = None
-    # Kill rank 0 inside the first flush of its records at or after kill_at_step, once the first
-    # run's have been written (a writer that dies half-way through).
-    kill_in_flush: bool = False
+    # Where the kill happens: at the step itself; inside rank 0's first flush of its records at or
+    # after kill_at_step, once the first run's have been written (a writer that dies half-way
+    # through); or right after the worker's first checkpoint commit (its report to Ray Train) at or
+    # after kill_at_step, before Ray Train's controller has collected it: Ray never registers it.
+    kill_in: str = field(default="step", metadata=_choice(KILL_POINTS))
     # A folder where each rank appends, per attempt, the first step it executes and that step's
     # example indices (rank<r>.jsonl): what a drill or test checks resumption and sharding with.
     trace: Optional[str] = None
@@ -423,6 +426,8 @@ def build_config(raw: dict) -> Config:
         raise ConfigError("train.cuda_graph", True, "CUDA graphs need GPU workers: set ray.use_gpu: true, "
                           "or leave train.cuda_graph false on CPU")
     _check_devices(cfg.ray)
+    if cfg.fault.kill_in == "flush" and cfg.fault.kill_rank != 0:
+        raise ConfigError("fault.kill_rank", cfg.fault.kill_rank, "must be 0 with fault.kill_in: flush (rank 0 alone writes)")
     if cfg.data.train_limit is not None and cfg.data.train_limit < batch:
         raise ConfigError("data.train_limit", cfg.data.train_limit, f"must be >= train.batch_size={batch}")
     return cfg

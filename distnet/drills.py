@@ -1,9 +1,9 @@
 """Fault drills (`fault.*` in the config): kill a rank, raise, or trace where an attempt starts.
 
-The loop calls two hooks: `at_step` before the steps in `steps` (no other step pays for a drill),
-and `at_flush` before each flush of rank 0's records. What the fault-tolerance tests and chaos
-drills check resumption, sharding and half-written records with; off by default, when `steps` is
-empty and `at_flush` returns at once.
+The loop calls three hooks: `at_step` before the steps in `steps` (no other step pays for a drill),
+`after_commit` on every rank after each checkpoint commit, and `at_flush` before each flush of rank
+0's records. What the fault-tolerance tests and chaos drills check resumption, sharding and
+half-written records with; off by default, when `steps` is empty and the other hooks return at once.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ class MemberWriter(Protocol):
 class Drills:
     def __init__(self, fault: FaultConfig, rank: int, first_step: int):
         self.fault, self.rank, self.first_step = fault, rank, first_step
-        # This rank's kill: at a step, or in the first flush from that step on (None: not this rank's).
-        mine = fault.kill_at_step if fault.kill_rank == rank else None
-        self.kill_step, self.kill_flush_from = (None, mine) if fault.kill_in_flush else (mine, None)
-        self.steps = frozenset(s for s in (fault.raise_at_step, self.kill_step, first_step if fault.trace else None)
+        # This rank's kill: from which step, and where (fault.kill_in); None: not this rank's.
+        self.kill_from = fault.kill_at_step if fault.kill_rank == rank else None
+        kill_step = self.kill_from if fault.kill_in == "step" else None
+        self.steps = frozenset(s for s in (fault.raise_at_step, kill_step, first_step if fault.trace else None)
                                if s is not None)
 
     def at_step(self, step: int, batch: torch.Tensor) -> None:
@@ -46,18 +46,30 @@ class Drills:
             with path.open("a") as out:
                 out.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "first_step": step,
                                       "batch": batch.tolist()}) + "\n")
-        if step == self.kill_step and self._armed():
+        if step == self.kill_from and self._due("step", step):
             self._kill()
         if step == f.raise_at_step:
             raise RuntimeError(f"fault injection: fault.raise_at_step={step}")
 
+    def after_commit(self, step: int) -> None:
+        """After this rank's checkpoint commit at `step` (its report to Ray Train): with fault.kill_in
+        commit, the first at or after kill_at_step dies before Ray Train's controller has collected
+        the report, so Ray never registers that checkpoint, while rank 0 may already have flushed
+        the records it covers."""
+        if self._due("commit", step):
+            self._kill()
+
     def at_flush(self, sink: MemberWriter, step: int) -> None:
-        """Before a flush at `step`: with fault.kill_in_flush, the first flush at or after
+        """Before a flush at `step`: with fault.kill_in flush, the first flush at or after
         kill_at_step writes the first member's records and dies before the others' (a writer that
         dies half-way through)."""
-        if self.kill_flush_from is not None and step >= self.kill_flush_from and self._armed():
+        if self._due("flush", step):
             sink.write(0)
             self._kill()
+
+    def _due(self, where: str, step: int) -> bool:
+        """This rank's kill is `where`, at or past its step, and not done before."""
+        return self.fault.kill_in == where and self.kill_from is not None and step >= self.kill_from and self._armed()
 
     def _armed(self) -> bool:
         """Not killed before: the marker file (if any) is not there yet."""

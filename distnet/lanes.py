@@ -49,6 +49,7 @@ class JobQueue:
         self.closed = bool(entries)  # a queue made with its jobs takes no more
         self.changed = asyncio.Condition()
         self.taken: dict[tuple[int, int], ray.ObjectRef | None] = {}
+        self.takers: dict[tuple[int, int], set[int]] = {}  # (lane, seq) -> the ranks that took it
         self.in_flight: dict[int, tuple[int, ray.ObjectRef, list[str]]] = {}  # lane -> (seq, job, run ids)
         self.outcomes: list[dict] = []  # per job: its cells, and its error or how many diverged
         self.rows: list[dict] = []  # every trained cell's summary row
@@ -64,7 +65,11 @@ class JobQueue:
             self.closed = True
             self.changed.notify_all()
 
-    async def take(self, lane: int, seq: int) -> ray.ObjectRef | None:
+    async def take(self, lane: int, seq: int, rank: int) -> tuple[ray.ObjectRef | None, bool]:
+        """The lane's seq-th job (None: no more), and whether this rank took it before: then Ray
+        Train restarted the lane's group inside that job, from a checkpoint or, where Ray had not
+        registered the group's first one, from the job's start, while its runs may already hold
+        what rank 0 wrote."""
         async with self.changed:
             if (lane, seq) not in self.taken:
                 await self.changed.wait_for(lambda: self.waiting or self.closed)
@@ -73,7 +78,10 @@ class JobQueue:
                 if ref is not None:
                     self.in_flight[lane] = (seq, ref, run_ids)
                 self.changed.notify_all()
-            return self.taken[(lane, seq)]
+            takers = self.takers.setdefault((lane, seq), set())
+            again = rank in takers
+            takers.add(rank)
+            return self.taken[(lane, seq)], again
 
     def done(self, lane: int, seq: int, rows: list[dict]) -> None:
         """Idempotent: a restarted lane may report a job it had finished before dying."""
@@ -84,9 +92,10 @@ class JobQueue:
 
     def fail_in_flight(self, lane: int, error: str) -> tuple[ray.ObjectRef, list[str]] | None:
         """The lane's trainer died: its job counts as failed (the job and its run ids are returned);
-        the lane's next trainer starts afresh at sequence 0, so its old (lane, seq) answers are
-        forgotten."""
+        the lane's next trainer starts afresh at sequence 0, so its old (lane, seq) answers and
+        takers are forgotten."""
         self.taken = {k: v for k, v in self.taken.items() if k[0] != lane}
+        self.takers = {k: v for k, v in self.takers.items() if k[0] != lane}
         if lane not in self.in_flight:
             return None
         _, ref, run_ids = self.in_flight.pop(lane)

@@ -119,9 +119,10 @@ def _train_loop(loop_config: dict) -> None:
     if (ckpt := ray.train.get_checkpoint()) is not None:
         meta, resume = _load_checkpoint(ckpt)
         seq, done = meta["seq"], meta["done"]
-    while (ref := ray.get(queue.take.remote(lane, seq))) is not None:
+    while (taken := ray.get(queue.take.remote(lane, seq, rank)))[0] is not None:
+        ref, again = taken
         job = ray.get(ref)
-        sink = _open_sink(uri, job, lane, ctx.get_experiment_name(), board, resume) if rank == 0 else None
+        sink = _open_sink(uri, job, lane, ctx.get_experiment_name(), board, resume, again) if rank == 0 else None
         if done:  # trained before the restart; its last records are in the checkpoint
             state = resume.loop
         else:
@@ -136,15 +137,16 @@ def _train_loop(loop_config: dict) -> None:
         seq, resume, done = seq + 1, None, False
 
 
-def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: Saved | None) -> tracking.MlflowSink:
+def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: Saved | None,
+               again: bool) -> tracking.MlflowSink:
     """Rank 0's sink for a job's runs. Where the training ran goes with its first records; a job
-    picked up again (after a worker or a driver died) first writes what the dead group had not, and
-    nothing MLflow holds is written again, even where Ray had not registered the group's last
-    checkpoint."""
+    picked up again (`again`: after a worker died; `job.resumed`: after a driver died) first writes
+    what the dead group had not, and nothing MLflow holds is written again, even where Ray had not
+    registered the group's last checkpoint, or any checkpoint of the job (it then starts at step 0)."""
     sink = tracking.MlflowSink(uri, job.cfg, job.runs, on_progress=board and (lambda s: board.update.remote(s)),
                                tags={schema.RAY_NODE: ray.get_runtime_context().get_node_id(),
                                      schema.LANE: str(lane), schema.TRAINER: trainer}, parent=job.parent)
-    if resume is not None or job.resumed:
+    if resume is not None or again or job.resumed:
         step = resume.loop.step if resume is not None else 0
         sink.tags.append(RunTag(schema.RESUMED_FROM_STEP, str(step)))
         sink.load_state_dict(resume.records if resume is not None else None)

@@ -298,6 +298,7 @@ class Loop:
         if done and self.summary is not None:
             self.log_intervals(self.summary.close(), self.diverged_at.cpu().numpy())
         self.commit(self.state_dict(), done)
+        drills.after_commit(self.step)
         if self.sink is not None and not done:  # the last records go with the runs' outcome: the sink's owner closes it
             drills.at_flush(self.sink, self.step)
             self.sink.flush()

@@ -67,6 +67,16 @@ def test_cuda_graph_is_refused_on_cpu_and_accepted_on_gpu():
                          "ray": {"use_gpu": True}}).train.cuda_graph
 
 
+def test_fault_drill_places_are_named_and_a_flush_kill_is_rank_0s():
+    e = error_of({"model": {"sizes": [784, 10]}, "fault": {"kill_in": "save"}})
+    assert e.field == "fault.kill_in" and "step, flush, commit" in str(e)
+    e = error_of({"model": {"sizes": [784, 10]}, "ray": {"num_workers": 2},
+                  "fault": {"kill_at_step": 3, "kill_rank": 1, "kill_in": "flush"}})
+    assert e.field == "fault.kill_rank" and "rank 0 alone writes" in str(e)
+    assert build_config({"model": {"sizes": [784, 10]}, "ray": {"num_workers": 2},
+                         "fault": {"kill_at_step": 3, "kill_rank": 1, "kill_in": "commit"}}).fault.kill_in == "commit"
+
+
 def test_batch_not_divisible_by_workers():
     e = error_of({"model": {"sizes": [784, 10]}, "ray": {"num_workers": 3}})
     assert e.field == "ray.num_workers" and "train.batch_size=128" in str(e)
