@@ -70,7 +70,7 @@ def grid_sweep(work: Path, overrides: list[str]) -> dict:
     result = launch.run_sweep(sw, uri, say=lambda *_: None)
     wall = time.perf_counter() - start
     assert result.trained == 216 and not result.failed
-    run_ids = [r["run_id"] for r in result.rows]
+    run_ids = [r.run_id for r in result.rows]
     counts, most = rows_per_run(uri, run_ids)
     return {"wall_s": wall, "store_mb": (du(work / "mlruns.db") + du(work / "mlartifacts")) / 1e6,
             "tables_mb": sum(du(p) for p in (work / "mlartifacts").rglob("step_metrics")) / 1e6,

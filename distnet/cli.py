@@ -57,7 +57,7 @@ def _sweep(args) -> int:
     uri = _tracking_uri(args)
     result = launch.run_sweep(sw, uri, data_dir=args.data_dir, address=args.address, force=args.force)
     for r in result.failed:
-        print(f"FAILED {r['cell']}: {tracking.short_reason(r['error'])} (run {r['run_id']})")
+        print(f"FAILED {r.cell}: {tracking.short_reason(r.error)} (run {r.run_id})")
     print(f"summary.csv logged to the sweep's parent run {result.parent_run_id}")
     print("\n".join(ui.open_hint(uri, [result.parent_run_id])))
     return 1 if result.failed else 0

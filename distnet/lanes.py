@@ -1,7 +1,8 @@
 """The two small actors a driver shares with its trainers: the job queue of the lanes and the board
 rank 0 posts its progress to.
 
-This module imports nothing but Ray and the record's names (distnet.schema), and the queue holds
+This module imports nothing but Ray, the record's names (distnet.schema) and the cells' outcomes
+(distnet.outcome), and the queue holds
 references to jobs rather than the jobs themselves (a job's config would import torch through the
 registry): an actor's process imports the module of its class and unpickles its arguments, so these
 actors start in a fraction of a second instead of the 3 s that importing torch, Ray Train and MLflow
@@ -16,6 +17,7 @@ from collections import deque
 import ray
 
 from distnet import schema
+from distnet.outcome import CellOutcome
 
 
 @ray.remote(num_cpus=0)
@@ -52,7 +54,7 @@ class JobQueue:
         self.takers: dict[tuple[int, int], set[int]] = {}  # (lane, seq) -> the ranks that took it
         self.in_flight: dict[int, tuple[int, ray.ObjectRef, list[str]]] = {}  # lane -> (seq, job, run ids)
         self.outcomes: list[dict] = []  # per job: its cells, and its error or how many diverged
-        self.rows: list[dict] = []  # every trained cell's summary row
+        self.rows: list[CellOutcome] = []  # every cell trained or failed
 
     async def put(self, entry: tuple[ray.ObjectRef, list[str]]) -> None:
         async with self.changed:
@@ -83,11 +85,11 @@ class JobQueue:
             takers.add(rank)
             return self.taken[(lane, seq)], again
 
-    def done(self, lane: int, seq: int, rows: list[dict]) -> None:
+    def done(self, lane: int, seq: int, rows: list[CellOutcome]) -> None:
         """Idempotent: a restarted lane may report a job it had finished before dying."""
         if lane in self.in_flight and self.in_flight[lane][0] == seq:
             _, _, run_ids = self.in_flight.pop(lane)
-            self.outcomes.append({"cells": len(run_ids), "diverged": sum(r["status"].startswith(schema.DIVERGED) for r in rows)})
+            self.outcomes.append({"cells": len(run_ids), "diverged": sum(r.status == schema.DIVERGED for r in rows)})
             self.rows += rows
 
     def fail_in_flight(self, lane: int, error: str) -> tuple[ray.ObjectRef, list[str]] | None:
@@ -100,9 +102,7 @@ class JobQueue:
             return None
         _, ref, run_ids = self.in_flight.pop(lane)
         self.outcomes.append({"cells": len(run_ids), "error": error})
-        nan = float("nan")
-        self.rows += [{"status": schema.FAILED, "acc": nan, "ratio_init": nan, "ratio_end": nan, "run_id": run_id,
-                       "error": error} for run_id in run_ids]
+        self.rows += [CellOutcome.failed(run_id, error) for run_id in run_ids]
         return ref, run_ids
 
     def status(self) -> dict:
@@ -113,6 +113,6 @@ class JobQueue:
                 "failed": failed, "running": sum(len(ids) for _, _, ids in self.in_flight.values()),
                 "more": bool(self.waiting) or not self.closed}
 
-    def results(self) -> list[dict]:
-        """The summary rows of every cell trained (MlflowSink.close's) or failed, with their run ids."""
+    def results(self) -> list[CellOutcome]:
+        """The outcome of every cell trained (MlflowSink.close's) or failed."""
         return self.rows

@@ -36,6 +36,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from distnet import data, download, network, schema, sweep, tracking, tracking_server, worker
 from distnet.config import Config, config_hash
 from distnet.lanes import JobQueue, ProgressBoard
+from distnet.outcome import CellOutcome
 from distnet.progress import ProgressPrinter
 
 
@@ -289,12 +290,12 @@ def _lane(cfg: Config, queue: ray.actor.ActorHandle, lane: int, tracking_uri: st
 @dataclass
 class SweepResult:
     parent_run_id: str
-    rows: list[dict]  # one per cell, as in summary.csv
+    rows: list[CellOutcome]  # one per cell, in grid order, as in summary.csv
     trained: int  # cells trained by this invocation (the rest were already finished)
 
     @property
-    def failed(self) -> list[dict]:
-        return [r for r in self.rows if r["status"] == schema.FAILED]
+    def failed(self) -> list[CellOutcome]:
+        return [r for r in self.rows if r.status == schema.FAILED]
 
 
 def default_concurrency(cfg: Config) -> int:
@@ -363,7 +364,7 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
     todo, stale, finished = sweep.select(sw.cells, tracking.child_runs(tracking_uri, parent), force)
     tracking.delete_runs(tracking_uri, [r.info.run_id for r in stale])
     groups = sweep.packs(todo, sw.settings.pack)
-    trained: dict[str, dict] = {}
+    trained: dict[str, CellOutcome] = {}
     if groups:
         ensure_ray(address)
         lanes = min(len(groups), sw.settings.max_concurrent or default_concurrency(first))
@@ -388,7 +389,7 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
                     shown = line
         if feed.error is not None:
             raise feed.error
-        by_run = {r["run_id"]: r for r in ray.get(queue.results.remote())}
+        by_run = {r.run_id: r for r in ray.get(queue.results.remote())}
         trained = {cell_id: by_run[run_id] for cell_id, run_id in feed.cell_runs.items()}
     else:
         say(f"sweep {sw.name}: all {len(sw.cells)} cells already finished; MLflow parent run {parent}")
@@ -399,9 +400,10 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
     return SweepResult(parent, rows, len(todo))
 
 
-def _summary_rows(sw: sweep.Sweep, finished: dict, trained: dict[str, dict], uri: str, eval_prefix: str) -> list[dict]:
-    """One row per cell, in grid order: a cell trained now from what its training returned (or its
-    lane's failure), a finished one from its listed run."""
-    return [{"cell": c.label, **(trained[c.id] if c.id in trained else
-                                 tracking.cell_summary(uri, finished[c.id], len(c.config.sizes) - 1, eval_prefix))}
+def _summary_rows(sw: sweep.Sweep, finished: dict, trained: dict[str, CellOutcome], uri: str,
+                  eval_prefix: str) -> list[CellOutcome]:
+    """One outcome per cell, in grid order: a cell trained now as its training (or its lane's
+    failure) returned it, a finished one from its listed run."""
+    return [(trained[c.id] if c.id in trained else
+             tracking.cell_outcome(uri, finished[c.id], len(c.config.sizes) - 1, eval_prefix)).of_cell(c.label)
             for c in sw.cells]

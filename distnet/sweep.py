@@ -38,6 +38,7 @@ import numpy as np
 from distnet import config as C
 from distnet import schema
 from distnet.config import Config, ConfigError, MemberSpec
+from distnet.outcome import CellOutcome
 
 # Resolved-config keys that population members may differ in (everything else must be shared).
 MEMBER_KEYS = ("seed", "model.init", "model.sigma_w", "model.sigma_b", "train.lr")
@@ -179,19 +180,16 @@ def population_config(cells: list[Cell], name: str) -> Config:
     return dataclasses.replace(cells[0].config, name=name, population=specs)
 
 
-SUMMARY_COLUMNS = ("cell", "status", "acc", "ratio_init", "ratio_end", "run_id")
-
-
-def summary_csv(rows: list[dict]) -> str:
-    lines = [",".join(SUMMARY_COLUMNS)]
-    lines += [",".join(f'"{r[c]}"' if c == "cell" else str(r[c]) for c in SUMMARY_COLUMNS) for r in rows]
+def summary_csv(rows: list[CellOutcome]) -> str:
+    lines = ["cell,status,acc,ratio_init,ratio_end,run_id"]
+    lines += [f'"{r.cell}",{r.status_text},{r.acc},{r.ratio_init},{r.ratio_end},{r.run_id}' for r in rows]
     return "\n".join(lines) + "\n"
 
 
 FULL_TABLE_CELLS = 60  # past this many cells the terminal shows per-axis tables; summary.csv has every row
 
 
-def summary_table(rows: list[dict], eval_name: str, cells: list[Cell]) -> str:
+def summary_table(rows: list[CellOutcome], eval_name: str, cells: list[Cell]) -> str:
     """For the terminal: every cell's row for a small sweep, else the totals and, per grid axis, one
     row per value. ratio = |grad W_1| / |grad W_L| at init and at the end."""
     if len(rows) <= FULL_TABLE_CELLS:
@@ -206,25 +204,24 @@ def summary_table(rows: list[dict], eval_name: str, cells: list[Cell]) -> str:
     return "\n".join(out)
 
 
-def cell_table(rows: list[dict], eval_name: str) -> str:
-    width = max([len("cell")] + [len(r["cell"]) for r in rows])
+def cell_table(rows: list[CellOutcome], eval_name: str) -> str:
+    width = max([len("cell")] + [len(r.cell) for r in rows])
     head = f"{'cell':<{width}}  {'status':<14} {eval_name + ' acc':>9} {'g1/gL init':>11} {'g1/gL end':>11}  run"
     out = [head, "-" * len(head)]
     for r in rows:
-        out.append(f"{r['cell']:<{width}}  {r['status']:<14} {100 * r['acc']:>8.2f}% "
-                   f"{r['ratio_init']:>11.3g} {r['ratio_end']:>11.3g}  {r['run_id']}")
+        out.append(f"{r.cell:<{width}}  {r.status_text:<14} {100 * r.acc:>8.2f}% "
+                   f"{r.ratio_init:>11.3g} {r.ratio_end:>11.3g}  {r.run_id}")
     return "\n".join(out)
 
 
-def _status_counts(rows: list[dict]) -> dict[str, int]:
+def _status_counts(rows: list[CellOutcome]) -> dict[str, int]:
     counts = {schema.FINISHED: 0, schema.DIVERGED: 0, schema.FAILED: 0}
     for r in rows:
-        status = r["status"].split("@")[0]
-        counts[status] = counts.get(status, 0) + 1
+        counts[r.status] = counts.get(r.status, 0) + 1
     return counts
 
 
-def axis_table(axis: str, groups: dict[Any, list[dict]], eval_name: str) -> str:
+def axis_table(axis: str, groups: dict[Any, list[CellOutcome]], eval_name: str) -> str:
     """One row per value of `axis`: its cells' statuses, mean accuracy and median gradient ratios
     (over the cells that have them)."""
     width = max([len(axis)] + [len(str(v)) for v in groups])
@@ -234,9 +231,9 @@ def axis_table(axis: str, groups: dict[Any, list[dict]], eval_name: str) -> str:
     for value, rows in groups.items():
         counts = _status_counts(rows)
         with np.errstate(all="ignore"):
-            acc = np.nanmean([r["acc"] for r in rows]) if any(np.isfinite(r["acc"]) for r in rows) else np.nan
+            acc = np.nanmean([r.acc for r in rows]) if any(np.isfinite(r.acc) for r in rows) else np.nan
             ratios = [np.nanmedian(v) if np.isfinite(v).any() else np.nan
-                      for v in (np.array([r[k] for r in rows], dtype=float) for k in ("ratio_init", "ratio_end"))]
+                      for v in (np.array([getattr(r, k) for r in rows], dtype=float) for k in ("ratio_init", "ratio_end"))]
         out.append(f"{str(value):<{width}}  {len(rows):>6} {counts[schema.FINISHED]:>8} {counts[schema.DIVERGED]:>8} "
                    f"{counts[schema.FAILED]:>6} {100 * acc:>13.2f}% {ratios[0]:>14.3g} {ratios[1]:>14.3g}")
     return "\n".join(out)

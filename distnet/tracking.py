@@ -36,6 +36,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from distnet import cellrecords, schema, steptable
+from distnet.outcome import NAN, CellOutcome, grad_ratio
 from distnet.config import Config, Member, config_hash, dump_yaml, flatten
 from distnet.tracking_server import SQLITE, is_server
 
@@ -405,35 +406,31 @@ class MlflowSink:
         self.tags = []
 
     def ratios(self, k: int) -> tuple[float, float]:
-        """Member k's |grad W_1| / |grad W_L| at the first and the latest step of its step table
-        (nan without one: train.step_norms false)."""
-        if self.first[k] is None or schema.grad_norm("w", 1) not in self.columns:
-            return float("nan"), float("nan")
+        """Member k's gradient ratio at the first and the latest step of its step table."""
+        if self.first[k] is None:
+            return NAN, NAN
         n_layers = sum(c.startswith(schema.GRAD_NORM_W) for c in self.columns)
-        i, j = self.columns.index(schema.grad_norm("w", 1)), self.columns.index(schema.grad_norm("w", n_layers))
-        with np.errstate(all="ignore"):  # a diverged member's last row: inf / inf
-            return tuple(float(np.float64(row[1][i]) / np.float64(row[1][j]))
-                         for row in (self.first[k], self.latest[k]))
+        return tuple(grad_ratio(dict(zip(self.columns, row[1])), n_layers) for row in (self.first[k], self.latest[k]))
 
-    def close(self, outcome: Outcome) -> list[dict]:
+    def close(self, outcome: Outcome) -> list[CellOutcome]:
         """The last flush, with each run's outcome tags and summary ratios, then FINISHED: returns
-        each member's summary row (as summary.csv has it, less the cell's name)."""
+        each member's outcome."""
         ts = int(time.time() * 1000)
 
-        def end(k: int) -> dict:
-            ratio_init, ratio_end = self.ratios(k)
+        def end(k: int) -> CellOutcome:
+            ratios = self.ratios(k)
             if self.first[k] is not None:
-                self._append(k, (schema.RATIO_INIT, ratio_init, ts, self.first[k][0]))
-                self._append(k, (schema.RATIO_END, ratio_end, ts, self.latest[k][0]))
-            if k in outcome.diverged:
-                status = f"{schema.DIVERGED}@{outcome.diverged[k]}"
-                tags = [RunTag(schema.STATUS, schema.DIVERGED), RunTag(schema.DIVERGED_STEP, str(outcome.diverged[k]))]
+                self._append(k, (schema.RATIO_INIT, ratios[0], ts, self.first[k][0]))
+                self._append(k, (schema.RATIO_END, ratios[1], ts, self.latest[k][0]))
+            diverged_at = outcome.diverged.get(k)
+            if diverged_at is not None:
+                tags = [RunTag(schema.STATUS, schema.DIVERGED), RunTag(schema.DIVERGED_STEP, str(diverged_at))]
             else:
-                status, tags = schema.FINISHED, [RunTag(schema.STATUS, schema.FINISHED)]
+                tags = [RunTag(schema.STATUS, schema.FINISHED)]
             self.write(k, tags + [RunTag(schema.ALL_REDUCE, outcome.all_reduce)])
             retry_busy(self.client.set_terminated, self.runs[k].run_id, RunStatus.to_string(RunStatus.FINISHED))
-            return {"status": status, "acc": self.latest_values[k].get(outcome.acc_key, float("nan")),
-                    "ratio_init": ratio_init, "ratio_end": ratio_end, "run_id": self.runs[k].run_id, "error": ""}
+            return CellOutcome.trained(self.runs[k].run_id, diverged_at,
+                                       self.latest_values[k].get(outcome.acc_key, NAN), ratios)
 
         rows = concurrent(self.uri, end, range(len(self.runs)))
         self.tags = []
@@ -503,26 +500,14 @@ def unstored(value: float) -> float:
     return math.copysign(math.inf, value) if abs(value) == sys.float_info.max else value
 
 
-def cell_summary(uri: str, run, n_layers: int, eval_prefix: str) -> dict:
-    """A listed cell run's summary row, as MlflowSink.close returned it when it trained: status,
-    final accuracy, and the layer-1 / last-layer weight-gradient-norm ratio at the first and the
-    last step of its step table (logged with its final metrics; read from the step table itself for
-    runs recorded before distnet logged it)."""
+def cell_outcome(uri: str, run, n_layers: int, eval_prefix: str) -> CellOutcome:
+    """A listed cell run's outcome, as MlflowSink.close made it when it trained. Its gradient ratios
+    were logged with its final metrics; runs recorded before distnet logged them have them read
+    from the step table itself."""
     metrics = run.data.metrics
     if schema.RATIO_INIT in metrics:
-        ratio_init, ratio_end = unstored(metrics[schema.RATIO_INIT]), unstored(metrics[schema.RATIO_END])
+        ratios = unstored(metrics[schema.RATIO_INIT]), unstored(metrics[schema.RATIO_END])
     else:
         table = steptable.read(MlflowClient(uri), run.info.run_id)
-        first, last = table.get(schema.grad_norm("w", 1)), table.get(schema.grad_norm("w", n_layers))
-        with np.errstate(all="ignore"):  # a diverged cell's last row: inf / inf
-            ratio_init, ratio_end = ((float(np.float64(first[i]) / np.float64(last[i])) if first is not None
-                                      and len(first) else float("nan")) for i in (0, -1))
-    status = schema.run_status(run.data.tags, run.info.status)
-    return {
-        "status": status + (f"@{run.data.tags[schema.DIVERGED_STEP]}" if status == schema.DIVERGED else ""),
-        "acc": metrics.get(schema.acc(eval_prefix), float("nan")),
-        "ratio_init": ratio_init,
-        "ratio_end": ratio_end,
-        "run_id": run.info.run_id,
-        "error": run.data.tags.get(schema.ERROR, ""),
-    }
+        ratios = tuple(grad_ratio({c: v[i] for c, v in table.items()}, n_layers) if table else NAN for i in (0, -1))
+    return CellOutcome.listed(run, ratios, schema.acc(eval_prefix))

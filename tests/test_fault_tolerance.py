@@ -224,7 +224,7 @@ grid: {model.depth: [1], seed: [0, 1, 2, 3]}
     assert 1 <= len(done_before) < 4
     result = launch.run_sweep(sweep.load_sweep(spec), uri, address=ray_cluster, say=lambda *_: None)
     assert result.trained == 4 - len(done_before)
-    assert {r["run_id"] for r in result.rows} >= done_before  # finished cells kept their runs
-    assert all(r["status"] == "finished" for r in result.rows)
+    assert {r.run_id for r in result.rows} >= done_before  # finished cells kept their runs
+    assert all(r.status == "finished" for r in result.rows)
     for r in result.rows:
-        np.testing.assert_array_equal(steptable.read(MlflowClient(uri), r["run_id"])["step"], np.arange(10))
+        np.testing.assert_array_equal(steptable.read(MlflowClient(uri), r.run_id)["step"], np.arange(10))

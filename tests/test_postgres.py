@@ -149,7 +149,7 @@ def test_a_104_cell_sweep_through_the_server_after_a_driver_kill_holds_every_val
     rerun = [c for c in sw.cells if live[c.id].info.run_id not in finished]
     packs = {False: sweep.packs(sw.cells, PACK), True: sweep.packs(rerun, PACK)}
     computed = {}
-    rows = {r["cell"]: r for r in result.rows}
+    rows = {r.cell: r for r in result.rows}
 
     def pack_of(cell) -> tuple[tuple[bool, int], list]:
         """(rerun or not, job index) of the pack `cell` trained in, and the pack's cells."""
@@ -190,11 +190,11 @@ def test_a_104_cell_sweep_through_the_server_after_a_driver_kill_holds_every_val
         np.testing.assert_array_equal(table["step"], np.arange(10))
         first, last = (np.float64(table[f"grad_norm/w/layer_{l}"]) for l in (1, cfg.model.depth + 1))
         row = rows[cell.label]
-        assert row["run_id"] == run.info.run_id and row["status"] == "finished"
-        assert row["acc"] == pytest.approx(float(sink.series("test/acc")[-1][1][k]), rel=1e-12)
-        assert row["ratio_init"] == pytest.approx(first[0] / last[0], rel=1e-12)
-        assert row["ratio_end"] == pytest.approx(first[-1] / last[-1], rel=1e-12)
-        assert run.data.metrics[schema.RATIO_INIT] == row["ratio_init"]
+        assert row.run_id == run.info.run_id and row.status == "finished"
+        assert row.acc == pytest.approx(float(sink.series("test/acc")[-1][1][k]), rel=1e-12)
+        assert row.ratio_init == pytest.approx(first[0] / last[0], rel=1e-12)
+        assert row.ratio_end == pytest.approx(first[-1] / last[-1], rel=1e-12)
+        assert run.data.metrics[schema.RATIO_INIT] == row.ratio_init
         assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
         acc = client.get_metric_history(run.info.run_id, "test/acc")
         assert sorted(m.step for m in acc) == [0, 1]

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from distnet import config, launch, metrics, schema, steptable, sweep
 from distnet.config import ConfigError, flatten
+from distnet.outcome import CellOutcome
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"train": {"epochs": 1, "log_every": 3}, "data": {"train_limit": 1280, "eval_limit": 300}}  # 10 steps
@@ -98,6 +99,26 @@ def test_a_rerun_trains_the_unfinished_cells_and_replaces_their_runs():
     assert todo == [a, b, c, d] and [r.run_id for r in stale] == ["a1", "b1", "b2", "c1", "c2", "c3"] and not finished
 
 
+def test_summary_reads_each_cells_outcome():
+    """summary.csv and the terminal's tables from typed outcomes: a diverged cell is `diverged@N`
+    in the file, counted as diverged in the tables; past 60 cells the tables go per axis value."""
+    sw = sweep.build_sweep({"model": {"width": 30}, "grid": {"model.depth": [1, 2, 3, 4], "seed": list(range(16))}})
+    rows = [(CellOutcome.failed(f"r{i}", "boom") if c.axes["seed"] == 0 else
+             CellOutcome.trained(f"r{i}", 7 if c.axes["model.depth"] == 4 else None, 0.5, (2.0, 4.0))).of_cell(c.label)
+            for i, c in enumerate(sw.cells)]
+    csv = sweep.summary_csv(rows).splitlines()
+    assert csv[0] == "cell,status,acc,ratio_init,ratio_end,run_id" and len(csv) == 65
+    assert csv[1] == '"depth=1,seed=0",failed,nan,nan,nan,r0'
+    assert csv[2] == '"depth=1,seed=1",finished,0.5,2.0,4.0,r1'
+    assert csv[-1] == '"depth=4,seed=15",diverged@7,0.5,2.0,4.0,r63'
+    table = sweep.summary_table(rows, "test", sw.cells).splitlines()
+    assert table[0] == "64 cells: 45 finished, 15 diverged, 4 failed; every cell in summary.csv"
+    depth4 = next(line for line in table if line.startswith("4 "))
+    assert depth4.split()[:5] == ["4", "16", "0", "15", "1"] and "50.00%" in depth4
+    small = sweep.summary_table(rows[:3], "test", sw.cells[:3]).splitlines()
+    assert small[2].split()[:3] == ["depth=1,seed=0", "failed", "nan%"]
+
+
 def test_bad_grid_fails_before_anything_with_the_field(tmp_path):
     with pytest.raises(ConfigError) as e:
         sweep.build_sweep({"model": {"width": 30}, "grid": {"model.depth": [1, 2], "model.init": ["he", "orthogonal"]}})
@@ -149,7 +170,7 @@ def test_grid_runs_once_and_resumes_without_logging_twice(ray_cluster, tracking_
     assert parent.info.status == "FINISHED" and parent.data.params["grid.model.depth"] == "[1, 2]"
     csv = Path(client.download_artifacts(first.parent_run_id, "summary.csv", str(tmp_path)))
     assert len(csv.read_text().strip().splitlines()) == 1 + 8
-    assert all(r["status"] == "finished" and r["acc"] > 0.2 for r in first.rows)
+    assert all(r.status == "finished" and r.acc > 0.2 for r in first.rows)
 
     rows_before = metric_rows(tracking_uri)
     again = launch.run_sweep(sweep.build_sweep(raw), tracking_uri, say=lambda *_: None)
@@ -165,36 +186,36 @@ def test_divergence_and_failure_are_recorded_and_the_sweep_goes_on(ray_cluster, 
            "mlflow": {"experiment": "sweeps-bad"}, "sweep": {"max_concurrent": 2},
            "grid": {"train.lr": [0.1, 1e4], "fault.raise_at_step": [None, 3]}}
     result = launch.run_sweep(sweep.build_sweep(raw), tracking_uri, say=lambda *_: None)
-    by_cell = {r["cell"]: r for r in result.rows}
-    assert by_cell["lr=0.1,raise_at_step=None"]["status"] == "finished"
-    assert by_cell["lr=10000.0,raise_at_step=None"]["status"].startswith("diverged@")
-    assert {r["cell"] for r in result.failed} == {"lr=0.1,raise_at_step=3", "lr=10000.0,raise_at_step=3"}
+    by_cell = {r.cell: r for r in result.rows}
+    assert by_cell["lr=0.1,raise_at_step=None"].status == "finished"
+    assert by_cell["lr=10000.0,raise_at_step=None"].status == "diverged"
+    assert {r.cell for r in result.failed} == {"lr=0.1,raise_at_step=3", "lr=10000.0,raise_at_step=3"}
     client = MlflowClient(tracking_uri)
-    diverged = client.get_run(by_cell["lr=10000.0,raise_at_step=None"]["run_id"])
+    diverged = client.get_run(by_cell["lr=10000.0,raise_at_step=None"].run_id)
     step = int(diverged.data.tags["distnet.diverged_step"])
-    assert diverged.info.status == "FINISHED" and step < 10
+    assert diverged.info.status == "FINISHED" and step < 10 and by_cell["lr=10000.0,raise_at_step=None"].diverged_at == step
     history = client.get_metric_history(diverged.info.run_id, "grad_norm/w/layer_1")
     assert max(m.step for m in history) == step  # its series stops where it diverged
     np.testing.assert_array_equal(steptable.read(client, diverged.info.run_id)["step"], np.arange(step + 1))
-    healthy = client.get_metric_history(by_cell["lr=0.1,raise_at_step=None"]["run_id"], "grad_norm/w/layer_1")
+    healthy = client.get_metric_history(by_cell["lr=0.1,raise_at_step=None"].run_id, "grad_norm/w/layer_1")
     assert len(healthy) == 10  # the other member of the same population went on
     cells = {c.label: c for c in sweep.build_sweep(raw).cells}
     for r in result.failed:
-        run = client.get_run(r["run_id"])
+        run = client.get_run(r.run_id)
         assert run.info.status == "FAILED" and "fault injection" in run.data.tags["distnet.error"]
-        assert "fault injection" in Path(client.download_artifacts(r["run_id"], "error.txt", str(tmp_path))).read_text()
+        assert "fault injection" in Path(client.download_artifacts(r.run_id, "error.txt", str(tmp_path))).read_text()
         # It failed before its first records: its params and config.yaml came with FAILED.
-        member = cells[r["cell"]].config.member_config(0)
+        member = cells[r.cell].config.member_config(0)
         assert {k: v for k, v in run.data.params.items() if k != "name"} == \
             {k: str(v) for k, v in flatten(member).items() if k != "name"}
-        config_yaml = yaml.safe_load(Path(client.download_artifacts(r["run_id"], "config.yaml", str(tmp_path))).read_text())
+        config_yaml = yaml.safe_load(Path(client.download_artifacts(r.run_id, "config.yaml", str(tmp_path))).read_text())
         assert {k: v for k, v in config_yaml.items() if k != "name"} == {k: v for k, v in member.items() if k != "name"}
 
     again = launch.run_sweep(sweep.build_sweep(raw), tracking_uri, say=lambda *_: None)
     assert again.trained == 2  # only the failed cells are re-run ...
     live = children(tracking_uri, result.parent_run_id)
     assert len(live) == 4  # ... and replace their old runs, which are deleted
-    assert {r.info.run_id for r in live} >= {by_cell["lr=0.1,raise_at_step=None"]["run_id"]}
+    assert {r.info.run_id for r in live} >= {by_cell["lr=0.1,raise_at_step=None"].run_id}
 
 
 def test_a_failing_first_pack_leaves_its_lane_going(ray_cluster, tmp_path):

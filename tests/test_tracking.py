@@ -2,6 +2,7 @@
 means and maxima of them as MLflow metrics, a diverged member's records ending where it diverged;
 and the MLflow version the tests cover."""
 
+import dataclasses
 import importlib.metadata
 import sys
 
@@ -85,15 +86,18 @@ def test_step_tables_hold_every_step_and_mlflow_their_interval_summaries(mnist, 
         with np.errstate(all="ignore"):
             expected = {"init": first[0] / last[0], "end": first[-1] / last[-1]}
         row = summary[k]
-        assert row["run_id"] == run_id and row["status"] == ("finished" if k == 0 else f"diverged@{diverged[k]}")
-        assert run.info.status == "FINISHED" and run.data.tags["distnet.status"] == row["status"].split("@")[0]
-        assert row["acc"] == run.data.metrics["test/acc"] == client.get_metric_history(run_id, "test/acc")[-1].value
+        assert row.run_id == run_id and row.status == ("finished" if k == 0 else "diverged")
+        assert row.diverged_at == diverged.get(k) and row.error == "" and row.cell == ""
+        assert row.status_text == ("finished" if k == 0 else f"diverged@{diverged[k]}")
+        assert run.info.status == "FINISHED" and run.data.tags["distnet.status"] == row.status
+        assert row.acc == run.data.metrics["test/acc"] == client.get_metric_history(run_id, "test/acc")[-1].value
         for end, value in expected.items():
-            np.testing.assert_equal(row[f"ratio_{end}"], value)
+            np.testing.assert_equal(getattr(row, f"ratio_{end}"), value)
             (logged,) = client.get_metric_history(run_id, f"grad_ratio/{end}")
             assert logged.step == (0 if end == "init" else last_step(table))
             assert logged.value == pytest.approx(as_mlflow(value), rel=1e-12, nan_ok=True)
-        assert tracking.cell_summary(tracking_uri, run, 3, "test") == pytest.approx(row, nan_ok=True)  # a rerun's row
+        listed = tracking.cell_outcome(tracking_uri, run, 3, "test")  # a rerun's, from the listing
+        assert dataclasses.astuple(listed) == pytest.approx(dataclasses.astuple(row), nan_ok=True)
 
 
 def test_sink_restore_writes_what_the_checkpoint_held_once(tracking_uri):

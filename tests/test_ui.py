@@ -87,7 +87,7 @@ def sweep_links(printed: str) -> dict[str, str]:
 def links(finished_sweep):
     """`distnet ui <sweep> <run>` running: the links it printed, by kind."""
     db, sw, result = finished_sweep
-    deep = next(r["run_id"] for r in result.rows if r["cell"].startswith("depth=2,"))
+    deep = next(r.run_id for r in result.rows if r.cell.startswith("depth=2,"))
     with distnet_ui("ui", deep, "--tracking-uri", db) as printed:
         urls = re.findall(r"^(sweep|run) .*?: (http://\S+)$", printed, re.M)
         assert len(urls) == 2, printed
