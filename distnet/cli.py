@@ -9,7 +9,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from distnet import registry, schema
+from distnet import choices, schema
 from distnet.download import DEFAULT_DIR, download
 from distnet.config import ConfigError, load_config
 from distnet.data import DataError
@@ -177,7 +177,7 @@ def _sigma_b2_value(text: str) -> float:
 
 
 def _list(args) -> int:
-    print(registry.describe())
+    print(choices.describe())
     print(runtime())
     return 0
 
@@ -258,7 +258,7 @@ def parser() -> argparse.ArgumentParser:
     u.set_defaults(func=_ui)
 
     m = sub.add_parser("meanfield", help="mean-field theory of a random deep network: q*, c*, chi_1, xi_c, 6 xi_c")
-    m.add_argument("--activation", default="tanh", choices=list(registry.ACTIVATIONS))
+    m.add_argument("--activation", default="tanh", choices=list(choices.ACTIVATIONS))
     m.add_argument("--sigma-w2", type=_sigma_w2_values, nargs="+", required=True,
                    help="weight variance(s) sigma_w^2 (W ~ N(0, sigma_w^2 / n_in)): values or START:STOP:N")
     m.add_argument("--sigma-b2", type=_sigma_b2_value, default=0.05, help="bias variance sigma_b^2 (default 0.05)")

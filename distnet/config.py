@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import yaml
 
-from distnet import registry
+from distnet import choices
 
 N_INPUTS = 784  # MNIST pixels
 N_CLASSES = 10
@@ -56,9 +56,9 @@ class ModelConfig:
     sizes: Optional[list[int]] = None
     depth: Optional[int] = field(default=None, metadata=_at_least(0))
     width: Optional[int] = field(default=None, metadata=_at_least(1))
-    activation: str = field(default="sigmoid", metadata=_choice(registry.ACTIVATIONS))
-    loss: str = field(default="softmax_ce", metadata=_choice(registry.LOSSES))
-    init: str = field(default="xavier_normal", metadata=_choice(registry.INITS))
+    activation: str = field(default="sigmoid", metadata=_choice(choices.ACTIVATIONS))
+    loss: str = field(default="softmax_ce", metadata=_choice(choices.LOSSES))
+    init: str = field(default="xavier_normal", metadata=_choice(choices.INITS))
     # Weight gain multiplying the scheme's draw, and the bias std (None: the scheme's default).
     sigma_w: float = field(default=1.0, metadata=_positive())
     sigma_b: Optional[float] = field(default=None, metadata=_at_least(0))
@@ -157,7 +157,7 @@ class CheckpointConfig:
 class MemberSpec:
     """One population member's own settings; None falls back to the run-level value."""
 
-    init: Optional[str] = field(default=None, metadata=_choice(registry.INITS))
+    init: Optional[str] = field(default=None, metadata=_choice(choices.INITS))
     sigma_w: Optional[float] = field(default=None, metadata=_positive())
     sigma_b: Optional[float] = field(default=None, metadata=_at_least(0))
     seed: Optional[int] = None

@@ -1,8 +1,9 @@
-"""MNIST: find the four IDX gzip files, verify them, read them, split them, order the batches.
+"""MNIST: find the four IDX gzip files, verify them, read them, split them.
 
 Nothing here trains on unverified bytes: every file's decompressed content must match its SHA-256
 before it is parsed. The driver reads once (`load_mnist`) and ships the uint8 arrays to the
-workers; `epoch_batches` gives every worker its slice of the same global batches.
+workers (distnet.sharding orders their batches). Torch-free: the driver and the CLI read data
+without it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 # SHA-256 of each file's decompressed content (the same values as ../shared/data/mnist/README.md).
 FILES = {
@@ -121,15 +121,3 @@ def select(mnist: MNIST, split: str, train_limit: int | None, eval_limit: int | 
         tx, ty, ex, ey = mnist.train_x, mnist.train_y, mnist.test_x, mnist.test_y
     return {"train_x": tx[:train_limit], "train_y": ty[:train_limit], "eval_x": ex[:eval_limit], "eval_y": ey[:eval_limit]}
 
-
-def epoch_batches(n: int, batch: int, epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
-    """This worker's example indices for every step of one epoch: [steps, batch // world].
-
-    One seeded permutation per (seed, epoch), the same on every worker; worker r takes slice r of
-    every global batch. The last partial batch is dropped so every step has the full global batch.
-    """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    steps = n // batch
-    perm = torch.randperm(n, generator=g)[: steps * batch].view(steps, batch)
-    local = batch // world
-    return perm[:, rank * local:(rank + 1) * local]

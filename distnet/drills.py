@@ -1,9 +1,10 @@
 """Fault drills (`fault.*` in the config): kill a rank, raise, or trace where an attempt starts.
 
-The loop calls three hooks: `at_step` before the steps in `steps` (no other step pays for a drill),
-`after_commit` on every rank after each checkpoint commit, and `at_flush` before each flush of rank
-0's records. What the fault-tolerance tests and chaos drills check resumption, sharding and
-half-written records with; off by default, when `steps` is empty and the other hooks return at once.
+Drills is the loop's FaultHooks (NoDrills, the default, does nothing): `at_step` before the steps
+`begin` names (no other step pays for a drill), `after_commit` on every rank after each checkpoint
+commit, and `at_flush` before each flush of rank 0's records. What the fault-tolerance tests and
+chaos drills check resumption, sharding and half-written records with; off by default, when `begin`
+names no step and the other hooks return at once.
 """
 
 from __future__ import annotations
@@ -21,20 +22,60 @@ from distnet.config import FaultConfig
 
 
 class MemberWriter(Protocol):
-    """A sink that writes member by member (tracking.MlflowSink)."""
+    """A sink that writes member by member (distnet.recorder.Sink)."""
 
     def write(self, k: int) -> None:
         """Member k's buffered records, now."""
 
 
+class FaultHooks(Protocol):
+    """Where the loop lets a fault in: the loop calls `begin` as an attempt starts, `at_step` before
+    each step `begin` returned, `after_commit` on every rank after each checkpoint commit, and rank
+    0's recorder `at_flush` before each flush of its records."""
+
+    def begin(self, first_step: int) -> frozenset[int]: ...
+
+    def at_step(self, step: int, batch: torch.Tensor) -> None: ...
+
+    def after_commit(self, step: int) -> None: ...
+
+    def at_flush(self, sink: MemberWriter, step: int) -> None: ...
+
+
+class NoDrills:
+    """No fault: the loop's default."""
+
+    def begin(self, first_step: int) -> frozenset[int]:
+        return frozenset()
+
+    def at_step(self, step: int, batch: torch.Tensor) -> None:
+        pass
+
+    def after_commit(self, step: int) -> None:
+        pass
+
+    def at_flush(self, sink: MemberWriter, step: int) -> None:
+        pass
+
+
+NO_DRILLS = NoDrills()
+
+
 class Drills:
-    def __init__(self, fault: FaultConfig, rank: int, first_step: int):
-        self.fault, self.rank, self.first_step = fault, rank, first_step
+    """The config's `fault.*` for one rank."""
+
+    def __init__(self, fault: FaultConfig, rank: int):
+        self.fault, self.rank, self.first_step = fault, rank, 0
         # This rank's kill: from which step, and where (fault.kill_in); None: not this rank's.
         self.kill_from = fault.kill_at_step if fault.kill_rank == rank else None
-        kill_step = self.kill_from if fault.kill_in == "step" else None
-        self.steps = frozenset(s for s in (fault.raise_at_step, kill_step, first_step if fault.trace else None)
-                               if s is not None)
+
+    def begin(self, first_step: int) -> frozenset[int]:
+        """An attempt starts at `first_step`: the steps to call at_step before (no other step pays
+        for a drill)."""
+        self.first_step = first_step
+        kill_step = self.kill_from if self.fault.kill_in == "step" else None
+        return frozenset(s for s in (self.fault.raise_at_step, kill_step, first_step if self.fault.trace else None)
+                         if s is not None)
 
     def at_step(self, step: int, batch: torch.Tensor) -> None:
         """Before `step` (one of `steps`), whose local batch is `batch`: trace the attempt's first

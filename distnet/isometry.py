@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import numpy as np
 
-from distnet import meanfield, metrics, schema
+from distnet import meanfield, schema
 
 THRESHOLD = 0.8  # training accuracy (a net of any depth in configs/isometry.yaml gets past it, or not for long)
 WINDOW = 20  # steps: 2,560 images at batch 128, so one lucky batch does not count
@@ -100,8 +100,8 @@ def arms(runs: list) -> list[Arm]:
         measured = {e: {m: float(np.mean([r.series[schema.jacobian(m)][e] for r in cell])) for m in MOMENTS}
                     for e in epochs}
         # geometric means: the quantiles span decades (an exact zero, ReLU's, counted as 1e-300)
-        quantiles = {e: np.exp(np.mean([[math.log(max(r.series[metrics.quantile_name(p)][e], 1e-300))
-                                          for p in metrics.JACOBIAN_QUANTILES] for r in cell], axis=0))
+        quantiles = {e: np.exp(np.mean([[math.log(max(r.series[schema.quantile_name(p)][e], 1e-300))
+                                          for p in schema.JACOBIAN_QUANTILES] for r in cell], axis=0))
                      for e in epochs}
         accs = [r.steps.get(schema.BATCH_ACC, np.array([])) for r in cell]
         out.append(Arm(case, (r0.activation, r0.sigma_w2, r0.sigma_b2), weights, depth, predicted, from_data,
@@ -152,7 +152,7 @@ def spectra_figure(found: list[Arm]):
                              layout="constrained")  # 7 in at least: room for the title
     for ax, depth in zip(axes[0], depths):
         for a in (a for a in found if a.depth == depth and 0 in a.quantiles):
-            (line,) = ax.plot(np.maximum(a.quantiles[0], FLOOR), np.array(metrics.JACOBIAN_QUANTILES) / 100,
+            (line,) = ax.plot(np.maximum(a.quantiles[0], FLOOR), np.array(schema.JACOBIAN_QUANTILES) / 100,
                               marker="o", ms=2, label=a.case, **style[a.case])
             if a.predicted is not None:
                 ax.plot([(a.from_data or a.predicted).mean], [1.02], marker="v", color=line.get_color(), clip_on=False)

@@ -28,9 +28,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from distnet import registry
+from distnet import choices
 
 NODES = 100  # Gauss-Hermite nodes per dimension (a 100 x 100 grid for the correlation map)
 # A length map that leaves these bounds has no finite, non-zero fixed point (relu away from
@@ -69,17 +68,15 @@ class Gauss:
     """Standard-normal expectations of the activation: E[f(z)] = sum_i w_i f(z_i)."""
 
     def __init__(self, activation: str, nodes: int = NODES):
-        if activation not in registry.ACTIVATIONS:
-            raise ValueError(f"activation {activation!r}: allowed {', '.join(registry.ACTIVATIONS)}")
+        if activation not in choices.ACTIVATIONS:
+            raise ValueError(f"activation {activation!r}: allowed {', '.join(choices.ACTIVATIONS)}")
+        # torch (the registry's code) is imported once a mean field is computed, so the report and the
+        # CLI, which import this module, load without it.
+        from distnet import registry
+
         z, w = np.polynomial.hermite_e.hermegauss(nodes)  # weight exp(-z^2/2): normalise to N(0, 1)
         self.z, self.w = z, w / math.sqrt(2 * math.pi)
-        self.act = registry.ACTIVATIONS[activation]
-
-    def phi(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """phi(h) and phi'(h), through the registry (float64)."""
-        t = torch.from_numpy(h)
-        a = self.act.fn(t)
-        return a.numpy(), self.act.grad(t, a).numpy()
+        self.phi = registry.on_arrays(activation)  # phi(h), phi'(h) on float64 arrays
 
     def q_next(self, q: float, sigma_w2: float, sigma_b2: float) -> float:
         a, _ = self.phi(math.sqrt(q) * self.z)

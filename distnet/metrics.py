@@ -102,21 +102,13 @@ def evaluate(model: PopulationMLP, x: torch.Tensor, y: torch.Tensor, prefix: str
 
 
 JACOBIAN_INPUTS = 8  # the first probe images: the spectrum is averaged over these inputs
-# The spectrum itself, as quantiles of the squared singular values of all those images together
-# (`jacobian/q00` the smallest, `jacobian/q50` the median, `jacobian/q100` the largest): an
-# equal-mass histogram that `distnet report` draws as the spectrum's distribution function.
-JACOBIAN_QUANTILES = (0, 1, 5, 10, 25, 50, 75, 90, 95, 99, 100)
-
-
-def quantile_name(pct: int) -> str:
-    return schema.jacobian(f"q{pct:02d}")
 
 
 def jacobian(model: PopulationMLP, x: torch.Tensor) -> dict[str, np.ndarray]:
     """The spectrum of the hidden stack's input-output Jacobian, J = D_L W_L ... D_2 W_2 (from the
     first hidden layer's output to the last's: the square product of Pennington et al. 2017,
     D_l = diag phi'(z_l)), at each image of x: its squared singular values' mean, variance over mean
-    squared (`spread`) and maximum, averaged over the images, and the JACOBIAN_QUANTILES of all the
+    squared (`spread`) and maximum, averaged over the images, and the schema.JACOBIAN_QUANTILES of all the
     images' squared singular values together, per member; and `jacobian/q_in`, the mean square of the
     first hidden layer's pre-activations on those images (the length that feeds J: where mean-field
     theory starts its layers, meanfield.jacobian_spectrum's q_in). In float64, one image at
@@ -139,11 +131,11 @@ def jacobian(model: PopulationMLP, x: torch.Tensor) -> dict[str, np.ndarray]:
             moments.append(torch.stack([m1, (sq**2).mean(1) / m1**2 - 1, sq.max(1).values], 1))
             spectra.append(sq)
         mean, spread, peak = torch.stack(moments).mean(0).T.cpu().numpy()
-        levels = torch.tensor(JACOBIAN_QUANTILES, dtype=torch.float64, device=x.device) / 100
+        levels = torch.tensor(schema.JACOBIAN_QUANTILES, dtype=torch.float64, device=x.device) / 100
         quantiles = torch.quantile(torch.cat(spectra, 1), levels, dim=1).cpu().numpy()  # [Q, P]
     return {schema.jacobian("mean"): mean, schema.jacobian("spread"): spread, schema.jacobian("max"): peak,
             schema.jacobian("q_in"): q_in,
-            **{quantile_name(pct): q for pct, q in zip(JACOBIAN_QUANTILES, quantiles)}}
+            **{schema.quantile_name(pct): q for pct, q in zip(schema.JACOBIAN_QUANTILES, quantiles)}}
 
 
 def probe(model: PopulationMLP, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
-"""Named choices a config can make: weight inits, activations, losses.
+"""The torch code of each named choice a config can make: weight inits, activations, losses.
 
-Each registry maps a name to a small record; configs are validated against the keys and
-`distnet list` prints them. Adding a scheme is one entry here, never a new branch elsewhere.
+Each registry maps a name of distnet.choices (which says what it means, without torch) to a small
+record of functions. Adding a scheme is an entry here and one there, never a new branch elsewhere.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from distnet import choices
 
 Tensor = torch.Tensor
 
@@ -19,11 +22,9 @@ Tensor = torch.Tensor
 # ---------------------------------------------------------------- inits
 @dataclass(frozen=True)
 class Init:
-    """A weight draw of shape [n_in, n_out] at unit gain, and the default bias std."""
+    """A weight draw of shape [n_in, n_out] at unit gain (the bias' std is the choice's)."""
 
     weight: Callable[[int, int, torch.Generator], Tensor]
-    bias_std: float
-    doc: str
 
 
 def _normal(std: Callable[[int, int], float]):
@@ -47,19 +48,15 @@ def _orthogonal(n_in, n_out, g):
 
 
 INITS: dict[str, Init] = {
-    "nielsen": Init(_normal(lambda i, o: 1.0), 1.0, "W, b ~ N(0, 1)"),
-    "nielsen_scaled": Init(_normal(lambda i, o: 1 / math.sqrt(i)), 1.0, "W ~ N(0, 1/n_in), b ~ N(0, 1)"),
-    "uniform_sqrt_n": Init(
-        _uniform(lambda i, o: 1 / math.sqrt(i)), 0.0, "W ~ U[-1/sqrt(n_in), 1/sqrt(n_in)] (Glorot-Bengio 'standard')"
-    ),
-    "xavier_normal": Init(_normal(lambda i, o: math.sqrt(2 / (i + o))), 0.0, "W ~ N(0, 2/(n_in+n_out))"),
-    "xavier_uniform": Init(
-        _uniform(lambda i, o: math.sqrt(6 / (i + o))), 0.0, "W ~ U[-sqrt(6/(n_in+n_out)), +] (Glorot 'normalized')"
-    ),
-    "he_normal": Init(_normal(lambda i, o: math.sqrt(2 / i)), 0.0, "W ~ N(0, 2/n_in)"),
-    "he_uniform": Init(_uniform(lambda i, o: math.sqrt(6 / i)), 0.0, "W ~ U[-sqrt(6/n_in), +]"),
-    "lecun_normal": Init(_normal(lambda i, o: 1 / math.sqrt(i)), 0.0, "W ~ N(0, 1/n_in)"),
-    "orthogonal": Init(_orthogonal, 0.0, "W orthogonal (QR of a Gaussian), gain 1"),
+    "nielsen": Init(_normal(lambda i, o: 1.0)),
+    "nielsen_scaled": Init(_normal(lambda i, o: 1 / math.sqrt(i))),
+    "uniform_sqrt_n": Init(_uniform(lambda i, o: 1 / math.sqrt(i))),
+    "xavier_normal": Init(_normal(lambda i, o: math.sqrt(2 / (i + o)))),
+    "xavier_uniform": Init(_uniform(lambda i, o: math.sqrt(6 / (i + o)))),
+    "he_normal": Init(_normal(lambda i, o: math.sqrt(2 / i))),
+    "he_uniform": Init(_uniform(lambda i, o: math.sqrt(6 / i))),
+    "lecun_normal": Init(_normal(lambda i, o: 1 / math.sqrt(i))),
+    "orthogonal": Init(_orthogonal),
 }
 
 
@@ -67,7 +64,7 @@ def init_layer(name: str, n_in: int, n_out: int, g: torch.Generator, sigma_w: fl
     """One layer's (W [n_in, n_out], b [n_out]) in float32: sigma_w scales W, sigma_b sets b's std."""
     scheme = INITS[name]
     w = scheme.weight(n_in, n_out, g) * sigma_w
-    b_std = scheme.bias_std if sigma_b is None else sigma_b
+    b_std = choices.INITS[name].bias_std if sigma_b is None else sigma_b
     b = torch.randn(n_out, generator=g) * b_std
     return w, b
 
@@ -78,9 +75,8 @@ class Activation:
     fn: Callable[[Tensor], Tensor]
     # da/dz, given pre-activation z and activation a = fn(z): what backprop multiplies by.
     grad: Callable[[Tensor, Tensor], Tensor]
-    # Which units count as saturated, given z and a (same shape).
+    # Which units count as saturated, given z and a (same shape): as choices.ACTIVATIONS says.
     saturated: Callable[[Tensor, Tensor], Tensor]
-    doc: str
 
 
 def _never(z, a):
@@ -98,22 +94,31 @@ def _step(slope_neg):
 _SELU_SCALE, _SELU_ALPHA = 1.0507009873554804934193349852946, 1.6732632423543772848170429916717
 
 ACTIVATIONS: dict[str, Activation] = {
-    "sigmoid": Activation(torch.sigmoid, lambda z, a: a * (1 - a), lambda z, a: (a < 0.01) | (a > 0.99),
-                          "saturated: a outside (0.01, 0.99)"),
-    "tanh": Activation(torch.tanh, lambda z, a: 1 - a * a, lambda z, a: a.abs() > 0.99, "saturated: |a| > 0.99"),
-    "softsign": Activation(F.softsign, lambda z, a: (1 + z.abs()).reciprocal().square(), lambda z, a: a.abs() > 0.99,
-                           "saturated: |a| > 0.99"),
-    "relu": Activation(F.relu, _step(0.0), lambda z, a: a == 0, "saturated: a == 0"),
+    "sigmoid": Activation(torch.sigmoid, lambda z, a: a * (1 - a), lambda z, a: (a < 0.01) | (a > 0.99)),
+    "tanh": Activation(torch.tanh, lambda z, a: 1 - a * a, lambda z, a: a.abs() > 0.99),
+    "softsign": Activation(F.softsign, lambda z, a: (1 + z.abs()).reciprocal().square(), lambda z, a: a.abs() > 0.99),
+    "relu": Activation(F.relu, _step(0.0), lambda z, a: a == 0),
     # The rest of the relu family: 'saturated' is the negative branch, where relu would be 0.
-    "leaky_relu": Activation(F.leaky_relu, _step(0.01), _negative, "saturated: z <= 0"),  # torch's slope 0.01
-    "elu": Activation(F.elu, lambda z, a: torch.where(z > 0, 1.0, a + 1), _negative, "saturated: z <= 0"),
-    "selu": Activation(F.selu, lambda z, a: torch.where(z > 0, _SELU_SCALE, a + _SELU_SCALE * _SELU_ALPHA),
-                       _negative, "saturated: z <= 0"),
+    "leaky_relu": Activation(F.leaky_relu, _step(0.01), _negative),  # torch's slope 0.01
+    "elu": Activation(F.elu, lambda z, a: torch.where(z > 0, 1.0, a + 1), _negative),
+    "selu": Activation(F.selu, lambda z, a: torch.where(z > 0, _SELU_SCALE, a + _SELU_SCALE * _SELU_ALPHA), _negative),
     # softplus' slope is sigmoid(z): saturated where it is below 0.01, as for sigmoid units.
-    "softplus": Activation(F.softplus, lambda z, a: torch.sigmoid(z), lambda z, a: torch.sigmoid(z) < 0.01,
-                           "saturated: slope sigmoid(z) < 0.01"),
-    "identity": Activation(lambda z: z, lambda z, a: torch.ones_like(z), _never, "never saturated"),
+    "softplus": Activation(F.softplus, lambda z, a: torch.sigmoid(z), lambda z, a: torch.sigmoid(z) < 0.01),
+    "identity": Activation(lambda z: z, lambda z, a: torch.ones_like(z), _never),
 }
+
+
+def on_arrays(activation: str) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """phi(h) and phi'(h) of `activation` on float64 arrays, through the code the model runs: what
+    distnet.meanfield integrates."""
+    act = ACTIVATIONS[activation]
+
+    def phi(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = torch.from_numpy(h)
+        a = act.fn(t)
+        return a.numpy(), act.grad(t, a).numpy()
+
+    return phi
 
 
 # ---------------------------------------------------------------- losses
@@ -162,21 +167,11 @@ def _quadratic_vg(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 class Loss:
     fn: Callable[[Tensor, Tensor], Tensor]
     value_and_grad: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-    doc: str
 
 
 LOSSES: dict[str, Loss] = {
-    "softmax_ce": Loss(_softmax_ce, _softmax_ce_vg, "softmax output, cross-entropy"),
-    "sigmoid_bce": Loss(_sigmoid_bce, _sigmoid_bce_vg,
-                        "sigmoid output, binary cross-entropy per unit (Nielsen's CrossEntropyCost)"),
-    "quadratic": Loss(_quadratic, _quadratic_vg, "sigmoid output, 0.5*||a - y||^2 (Nielsen's QuadraticCost)"),
+    "softmax_ce": Loss(_softmax_ce, _softmax_ce_vg),
+    "sigmoid_bce": Loss(_sigmoid_bce, _sigmoid_bce_vg),
+    "quadratic": Loss(_quadratic, _quadratic_vg),
 }
 
-
-def describe() -> str:
-    """The registries as text, for `distnet list`."""
-    lines = []
-    for title, reg in (("inits", INITS), ("activations", ACTIVATIONS), ("losses", LOSSES)):
-        lines.append(f"{title}:")
-        lines += [f"  {name:<16} {entry.doc}" for name, entry in reg.items()]
-    return "\n".join(lines)

@@ -42,7 +42,7 @@ from matplotlib.collections import QuadMesh  # noqa: E402
 import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from distnet import cellrecords, isometry, meanfield, metrics, registry, schema, steptable, tracking  # noqa: E402
+from distnet import cellrecords, choices, isometry, meanfield, schema, steptable, tracking  # noqa: E402
 
 
 class ReportError(ValueError):
@@ -131,7 +131,7 @@ def variants(mlflow_runs: list) -> list[str]:
 def _variances(params: dict) -> tuple[float, float]:
     """(sigma_w^2, sigma_b^2) of a run: its gains squared, the init scheme's bias std when unset."""
     sigma_b = params.get("model.sigma_b", "None")
-    bias = registry.INITS[params["model.init"]].bias_std if sigma_b == "None" else float(sigma_b)
+    bias = choices.INITS[params["model.init"]].bias_std if sigma_b == "None" else float(sigma_b)
     return float(params.get("model.sigma_w", 1.0)) ** 2, bias ** 2
 
 
@@ -153,7 +153,7 @@ def _listed(r, variant: str) -> tuple[Run, list[str]]:
     keys = [schema.layer(s, l) for l in range(1, depth + 1) for s in schema.LAYER_SERIES] + [acc_key]
     if schema.jacobian("spread") in latest:  # trained with train.jacobian
         keys += [schema.jacobian(m) for m in isometry.MOMENTS + ("q_in",)]
-        keys += [metrics.quantile_name(p) for p in metrics.JACOBIAN_QUANTILES]
+        keys += [schema.quantile_name(p) for p in schema.JACOBIAN_QUANTILES]
     return run, keys
 
 

@@ -43,6 +43,16 @@ def jacobian(moment: str) -> str:
     return JACOBIAN + moment
 
 
+# The spectrum itself, as quantiles of the squared singular values of the probe images together
+# (`jacobian/q00` the smallest, `jacobian/q50` the median, `jacobian/q100` the largest): an
+# equal-mass histogram that `distnet report` draws as the spectrum's distribution function.
+JACOBIAN_QUANTILES = (0, 1, 5, 10, 25, 50, 75, 90, 95, 99, 100)
+
+
+def quantile_name(pct: int) -> str:
+    return jacobian(f"q{pct:02d}")
+
+
 def eval_prefix(split: str) -> str:
     """Where held-out metrics go: `test/...` when `data.split` is test, else `val/...`."""
     return "test" if split == "test" else "val"
@@ -81,6 +91,30 @@ PARENT = "mlflow.parentRunId"  # MLflow's own: the UI nests a sweep's cells unde
 RUN_NAME = "mlflow.runName"
 
 FINISHED, DIVERGED, FAILED = "finished", "diverged", "failed"
+
+
+# ---------------------------------------------------------------- MLflow's search syntax
+def tag(name: str) -> str:
+    """A tag as a column of MLflow's searches and views: tags.`distnet.status`."""
+    return f"tags.`{name}`"
+
+
+def metric(key: str) -> str:
+    """A metric as a column of MLflow's searches and views: metrics.`test/acc`."""
+    return f"metrics.`{key}`"
+
+
+def tag_is(name: str, value: str) -> str:
+    """A search filter: the run's tag `name` is `value`."""
+    return f"{tag(name)} = '{value}'"
+
+
+def named(run_name: str) -> str:
+    """A search filter: the run's name is `run_name`."""
+    return f"attributes.run_name = '{run_name}'"
+
+
+NEWEST_FIRST = "attributes.start_time DESC"  # a search's order_by
 
 
 def run_status(tags: dict[str, str], mlflow_status: str) -> str:

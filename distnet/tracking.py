@@ -446,7 +446,7 @@ def sweep_parent(uri: str, exp_id: str, name: str, sweep_id: str, params: dict[s
     """The sweep's parent run: found by its id tag (a re-run of the same sweep reuses it, RUNNING
     again), else created with the grid as params."""
     client = MlflowClient(uri)
-    found = client.search_runs([exp_id], f"tags.`distnet.sweep_id` = '{sweep_id}'", max_results=1)
+    found = client.search_runs([exp_id], schema.tag_is(schema.SWEEP_ID, sweep_id), max_results=1)
     if found:
         run_id = found[0].info.run_id
         retry_busy(client.update_run, run_id, status=RunStatus.to_string(RunStatus.RUNNING))
@@ -461,10 +461,10 @@ def find_sweep(uri: str, name: str | None = None, sweep_id: str | None = None):
     """The newest parent run of a sweep, by its name or its id (`distnet.sweep_id`), in any
     experiment of the store; None if there is none."""
     client = MlflowClient(uri)
-    query = "tags.`distnet.kind` = 'sweep'" + (f" and attributes.run_name = '{name}'" if name else "") + \
-        (f" and tags.`distnet.sweep_id` = '{sweep_id}'" if sweep_id else "")
+    query = " and ".join([schema.tag_is(schema.KIND, schema.SWEEP_KIND)] + ([schema.named(name)] if name else []) +
+                         ([schema.tag_is(schema.SWEEP_ID, sweep_id)] if sweep_id else []))
     found = client.search_runs([e.experiment_id for e in client.search_experiments()], query,
-                               order_by=["attributes.start_time DESC"], max_results=1)
+                               order_by=[schema.NEWEST_FIRST], max_results=1)
     return found[0] if found else None
 
 
@@ -474,7 +474,7 @@ def child_runs(uri: str, parent_run_id: str) -> list:
     exp_id = client.get_run(parent_run_id).info.experiment_id
     runs, token = [], None
     while True:
-        page = client.search_runs([exp_id], f"tags.{schema.PARENT} = '{parent_run_id}'",
+        page = client.search_runs([exp_id], schema.tag_is(schema.PARENT, parent_run_id),
                                   max_results=1000, page_token=token)
         runs += list(page)
         token = page.token

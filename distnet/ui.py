@@ -52,7 +52,7 @@ DEFAULT_AXES = ("model.init", "model.depth")  # what a sweep's cells are grouped
 # more" fetches the next 100) and its charts draw only the runs loaded: a sweep's link shows at
 # most this many cells, a slice of the grid where the sweep has more.
 PAGE_RUNS = 100
-BY_NAME = "tags.`mlflow.runName`"  # the order the view lists (and the page loads) the cells in
+BY_NAME = schema.tag(schema.RUN_NAME)  # the order the view lists (and the page loads) the cells in
 
 
 class UIError(ValueError):
@@ -181,8 +181,7 @@ def cells_filter(parent_run_id: str, fixed: dict[str, str]) -> str:
     """The search filter for a sweep's cells with the values `fixed` (each cell carries a tag per
     grid axis, named by the dotted axis): not the parent run (no curves) nor the experiment's
     other sweeps and trainings."""
-    return " and ".join([f"tags.{schema.PARENT} = '{parent_run_id}'"] +
-                        [f"tags.`{a}` = '{v}'" for a, v in fixed.items()])
+    return " and ".join([schema.tag_is(schema.PARENT, parent_run_id)] + [schema.tag_is(a, v) for a, v in fixed.items()])
 
 
 def _natural(key: str) -> list:
@@ -226,7 +225,7 @@ def sweep_view(search_filter: str, axes: list[str], axis: str, metric_keys: set[
     """The saved view's state (search facets and UI state, as the UI saves them) for the cells
     `search_filter` finds (cells_filter)."""
     charts, sections = chart_layout(metric_keys)
-    acc = [f"metrics.`{k}`" for k in schema.ACC_KEYS if k in metric_keys]
+    acc = [schema.metric(k) for k in schema.ACC_KEYS if k in metric_keys]
     return {
         # Sorted by anything but the start time, the UI lists the cells flat (with it, it folds
         # children under their parent, out of the charts).
@@ -238,7 +237,7 @@ def sweep_view(search_filter: str, axes: list[str], axis: str, metric_keys: set[
         # mean, with the min..max band.
         "useGroupedValuesInCharts": aggregate,
         "runsHiddenMode": "SHOW_ALL",  # the UI's default draws only the first 10 rows
-        "selectedColumns": acc + [f"tags.`{a}`" for a in axes] + ["tags.`distnet.status`"],
+        "selectedColumns": acc + [schema.tag(a) for a in axes] + [schema.tag(schema.STATUS)],
         "compareRunCharts": charts,
         "compareRunSections": sections,
         "isAccordionReordered": True,  # keep the section order above (the UI sorts them otherwise)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from distnet import data, download
+from distnet import data, download, sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,11 +130,11 @@ def test_csv_converter_refuses_bad_rows(tmp_path):
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_worker_slices_tile_the_global_batch(world):
-    full = data.epoch_batches(1000, 128, epoch=2, seed=5, rank=0, world=1)
+    full = sharding.epoch_batches(1000, 128, epoch=2, seed=5, rank=0, world=1)
     assert full.shape == (7, 128) and len(set(full.flatten().tolist())) == 7 * 128
-    parts = [data.epoch_batches(1000, 128, 2, 5, r, world) for r in range(world)]
+    parts = [sharding.epoch_batches(1000, 128, 2, 5, r, world) for r in range(world)]
     assert torch.equal(torch.cat(parts, dim=1), full)
-    assert not torch.equal(full, data.epoch_batches(1000, 128, 3, 5, 0, 1))  # a new order each epoch
+    assert not torch.equal(full, sharding.epoch_batches(1000, 128, 3, 5, 0, 1))  # a new order each epoch
 
 
 def fresh_machine(tmp_path: Path, find_links: Path) -> tuple[Path, dict]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from distnet import data, launch, metrics, schema, steptable, sweep
+from distnet import launch, metrics, schema, sharding, steptable, sweep
 from distnet.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_sigkilled_rank_resumes_exactly(uninterrupted, tmp_path, monkeypatch, ki
         assert_same_record((uri, run_id), (clean_uri, clean.run_ids[k]))
     # Sharding, as run inside Ray: each rank's first batch is its own half of the global batch.
     first = attempts(clean_trace)
-    global_batch = data.epoch_batches(2560, 128, 1, 0, 0, 1)[0].tolist()
+    global_batch = sharding.epoch_batches(2560, 128, 1, 0, 0, 1)[0].tolist()
     assert first[0][0]["batch"] + first[1][0]["batch"] == global_batch
     assert not set(first[0][0]["batch"]) & set(first[1][0]["batch"])
     assert client.get_run(crashed.run_ids[0]).data.tags["distnet.all_reduce"] == "shared_memory"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from distnet import isometry, launch, meanfield, metrics, report, steptable, sweep
+from distnet import isometry, launch, meanfield, report, schema, steptable, sweep
 
 
 def test_steps_to_accuracy_is_the_end_of_the_first_window_at_the_threshold():
@@ -29,11 +29,11 @@ def test_rank_correlation_is_spearmans_with_mean_ranks_for_ties():
 
 def run(case, init, depth, seed, sigma_w2, spread0, acc_steps, activation="tanh", sigma_b2=0.05):
     """A report.Run as read from a store: the moments at epochs 0 and 1, quantiles q (x 2 at epoch 1)."""
-    q = np.geomspace(1e-4, 10, len(metrics.JACOBIAN_QUANTILES)) * (seed + 1)
+    q = np.geomspace(1e-4, 10, len(schema.JACOBIAN_QUANTILES)) * (seed + 1)
     series = {"jacobian/mean": {0: 1.0 + seed, 1: 2.0}, "jacobian/spread": {0: spread0, 1: 3 * spread0},
               "jacobian/q_in": {0: 0.1 + 0.1 * seed, 1: 5.0},
               "jacobian/max": {0: 10.0, 1: 20.0}, "test/acc": {0: 0.1, 1: 0.8 + 0.1 * seed}}
-    series |= {metrics.quantile_name(p): {0: v, 1: 2 * v} for p, v in zip(metrics.JACOBIAN_QUANTILES, q)}
+    series |= {schema.quantile_name(p): {0: v, 1: 2 * v} for p, v in zip(schema.JACOBIAN_QUANTILES, q)}
     return report.Run(f"{case}{depth}{seed}", activation, init, depth, seed, "finished", 0.8 + 0.1 * seed,
                       series=series, steps={"train/batch_acc": np.asarray(acc_steps, np.float32)},
                       sigma_w2=sigma_w2, sigma_b2=sigma_b2, case=case)
@@ -53,7 +53,7 @@ def test_arms_hold_each_cases_numbers_and_the_prediction():
     assert g.from_data == meanfield.jacobian_spectrum("tanh", w2, 0.05, 3, "gaussian", q_in=0.15)  # seeds' mean at init
     assert x.weights is None and x.predicted is None and x.from_data is None
     assert g.measured == {0: {"mean": 1.5, "spread": 6.0, "max": 10.0}, 1: {"mean": 2.0, "spread": 18.0, "max": 20.0}}
-    q = np.geomspace(1e-4, 10, len(metrics.JACOBIAN_QUANTILES))
+    q = np.geomspace(1e-4, 10, len(schema.JACOBIAN_QUANTILES))
     np.testing.assert_allclose(g.quantiles[0], q * math.sqrt(2), rtol=1e-12)  # geometric mean of q and 2q
     np.testing.assert_allclose(g.quantiles[1], 2 * q * math.sqrt(2), rtol=1e-12)
     assert g.steps == [45, 21]
@@ -99,11 +99,11 @@ def test_report_of_a_sweep_with_cases_and_the_spectrum(ray_cluster, tracking_uri
         (r,) = [r for r in listed if r.data.tags["case"] == a.case and int(r.data.tags["depth"]) == a.depth]
         history = {k: {m.step: m.value for m in client.get_metric_history(r.info.run_id, k)}
                    for k in ["jacobian/mean", "jacobian/spread", "jacobian/max", "jacobian/q_in"]
-                   + [metrics.quantile_name(p) for p in metrics.JACOBIAN_QUANTILES]}
+                   + [schema.quantile_name(p) for p in schema.JACOBIAN_QUANTILES]}
         assert sorted(history["jacobian/spread"]) == [0, 1, 2]
         assert a.measured == {e: {m: history[f"jacobian/{m}"][e] for m in isometry.MOMENTS} for e in (0, 1, 2)}
-        np.testing.assert_allclose(a.quantiles[2], [history[metrics.quantile_name(p)][2]
-                                                    for p in metrics.JACOBIAN_QUANTILES], rtol=1e-12)
+        np.testing.assert_allclose(a.quantiles[2], [history[schema.quantile_name(p)][2]
+                                                    for p in schema.JACOBIAN_QUANTILES], rtol=1e-12)
         table = steptable.read(client, r.info.run_id)
         assert a.steps == [isometry.steps_to_accuracy(table["train/batch_acc"], 0.5, 5)] and a.budget == 20
         activation = "identity" if a.case.startswith("linear") else "tanh"

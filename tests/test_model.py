@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from distnet import data, metrics, registry, schema, worker
+from distnet import choices, data, metrics, registry, schema, sharding, worker
 from distnet.config import Member, build_config
 from distnet.model import PopulationMLP, init_theta
 
@@ -37,7 +37,7 @@ def test_init_std_matches_formula(name):
     expected = EXPECTED_STD[name](N, N)
     assert abs(w.std().item() / expected - 1) < 0.05
     assert abs(w.mean().item()) < 0.05 * expected * 10
-    assert abs(b.std().item() - registry.INITS[name].bias_std) < 0.1
+    assert abs(b.std().item() - choices.INITS[name].bias_std) < 0.1
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_STD))
@@ -136,7 +136,7 @@ def test_worker_logs_the_hand_backprop_norms_at_step_0(mnist):
     arrays = data.select(mnist, "test", 1280, 100)
     sink = RecordingSink()
     worker.train(cfg, arrays, worker.WorkerEnv(), sink)
-    idx = data.epoch_batches(1280, 128, 1, 0, 0, 1)[0].numpy()
+    idx = sharding.epoch_batches(1280, 128, 1, 0, 0, 1)[0].numpy()
     theta0 = init_theta(SIZES, cfg.members)[0].double().numpy()
     ref = numpy_backprop_norms(theta0, SIZES, arrays["train_x"][idx] / 255.0, arrays["train_y"][idx], "softmax_ce")
     names = metrics.grad_norm_names(3)
@@ -158,7 +158,7 @@ def test_worker_records_every_steps_batch_loss_and_accuracy_before_its_update(mn
     model = PopulationMLP(SIZES, "tanh", "softmax_ce", init_theta(SIZES, cfg.members))
     lr = torch.tensor([m.lr for m in ms]).unsqueeze(1)
     x, y = torch.tensor(arrays["train_x"]) / 255.0, torch.tensor(arrays["train_y"])
-    for step, idx in enumerate(data.epoch_batches(1280, 128, 1, 0, 0, 1)[:8]):
+    for step, idx in enumerate(sharding.epoch_batches(1280, 128, 1, 0, 0, 1)[:8]):
         z = model.forward(x[idx]).detach().numpy()
         acc = (z.argmax(-1) == y[idx].numpy()).mean(1)
         loss = model.loss_and_grad(x[idx], y[idx])
@@ -250,8 +250,8 @@ def test_jacobian_spectrum_equals_autograds_of_the_hidden_stack(mnist):
         np.testing.assert_allclose([got[f"jacobian/{m}"][k] for m in ("mean", "spread", "max")], want, rtol=1e-6)
         np.testing.assert_allclose(got["jacobian/q_in"][k], np.mean(q_in), rtol=1e-6)
         # the smallest singular values feel the float32 slopes most (1.4e-6 relative here)
-        np.testing.assert_allclose([got[metrics.quantile_name(p)][k] for p in metrics.JACOBIAN_QUANTILES],
-                                   np.percentile(spectrum, metrics.JACOBIAN_QUANTILES), rtol=1e-5)
+        np.testing.assert_allclose([got[schema.quantile_name(p)][k] for p in schema.JACOBIAN_QUANTILES],
+                                   np.percentile(spectrum, schema.JACOBIAN_QUANTILES), rtol=1e-5)
     assert metrics.jacobian(PopulationMLP([784, 40, 10], "tanh", "softmax_ce",
                                           init_theta([784, 40, 10], cfg.members)), x) == {}  # no square part
 

@@ -147,7 +147,7 @@ def test_sweep_link_names_a_saved_view_of_the_cells(finished_sweep, tmp_path):
     envelope = json.loads(tag)
     assert envelope["name"] == "sweep ui (6 cells) by model.init"
     state = json.loads(zlib.decompress(base64.b64decode(envelope["state"].removeprefix(ui.DEFLATE))))
-    assert state["searchFilter"] == f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"
     assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "model.init"}]
     shown = [c["metricKey"] for c in state["compareRunCharts"] if c["metricSectionId"] in ("distnet-main", "distnet-grad")]
     assert shown == ["test/acc", "train/loss", "grad_norm/w/layer_1", "grad_norm/w/layer_2", "grad_norm/w/layer_3"]
@@ -260,9 +260,9 @@ def test_large_sweep_views_are_slices(big_sweep):
         "sweep big by model.init: 4 of 136 cells (depth=1, seed=3); other slices: --where depth=<one of 2>, "
         "--where seed=<one of 17>"]
     filters = [state["searchFilter"] for _, state in views.values()]
-    assert filters == [f"tags.mlflow.parentRunId = '{parent}' and tags.`seed` = '0'",
-                       f"tags.mlflow.parentRunId = '{parent}' and tags.`model.depth` = '1'",
-                       f"tags.mlflow.parentRunId = '{parent}' and tags.`model.depth` = '1' and tags.`seed` = '3'"]
+    assert filters == [f"tags.`mlflow.parentRunId` = '{parent}' and tags.`seed` = '0'",
+                       f"tags.`mlflow.parentRunId` = '{parent}' and tags.`model.depth` = '1'",
+                       f"tags.`mlflow.parentRunId` = '{parent}' and tags.`model.depth` = '1' and tags.`seed` = '3'"]
     grads = [[c["metricKey"] for c in state["compareRunCharts"] if c["metricSectionId"] == "distnet-grad"]
              for _, state in views.values()]
     assert grads == [[f"grad_norm/w/layer_{i}" for i in (1, 2, 3)]] + [[f"grad_norm/w/layer_{i}" for i in (1, 2)]] * 2
