@@ -23,7 +23,6 @@ WINDOW = 20  # steps: 2,560 images at batch 128, so one lucky batch does not cou
 # The inits whose ensemble the prediction knows, each drawing W with variance sigma_w^2 / n_in: with
 # them the run's gain squared is mean-field theory's sigma_w^2. Runs with other inits get no prediction.
 WEIGHTS = {"lecun_normal": "gaussian", "orthogonal": "orthogonal"}
-MOMENTS = ("mean", "spread", "max")
 # The figures' log axes start here: a squared singular value below it is an exact zero of a
 # rank-deficient J (ReLU's dead units: about half of them), and a spread below it is an isometry.
 FLOOR = 1e-12
@@ -92,12 +91,12 @@ def arms(runs: list) -> list[Arm]:
         predicted = from_data = None
         if weights:
             predicted = meanfield.jacobian_spectrum(r0.activation, r0.sigma_w2, r0.sigma_b2, depth - 1, weights)
-            if all(0 in r.series.get(schema.jacobian("q_in"), {}) for r in cell):
-                q_in = float(np.mean([r.series[schema.jacobian("q_in")][0] for r in cell]))
+            if all(0 in r.series.get(schema.jacobian(schema.JACOBIAN_Q_IN), {}) for r in cell):
+                q_in = float(np.mean([r.series[schema.jacobian(schema.JACOBIAN_Q_IN)][0] for r in cell]))
                 from_data = meanfield.jacobian_spectrum(r0.activation, r0.sigma_w2, r0.sigma_b2, depth - 1, weights,
                                                         q_in)
         epochs = sorted(set.intersection(*(set(r.series[schema.jacobian("spread")]) for r in cell)))
-        measured = {e: {m: float(np.mean([r.series[schema.jacobian(m)][e] for r in cell])) for m in MOMENTS}
+        measured = {e: {m: float(np.mean([r.series[schema.jacobian(m)][e] for r in cell])) for m in schema.JACOBIAN_MOMENTS}
                     for e in epochs}
         # geometric means: the quantiles span decades (an exact zero, ReLU's, counted as 1e-300)
         quantiles = {e: np.exp(np.mean([[math.log(max(r.series[schema.quantile_name(p)][e], 1e-300))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -28,12 +27,12 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from mlflow.entities import RunTag
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from distnet import data, download, network, schema, sweep, tracking, tracking_server, worker
+from distnet import checkpoint, data, download, network, schema, sweep, tracking, tracking_server, worker
 from distnet.config import Config, config_hash
 from distnet.lanes import JobQueue, ProgressBoard
 from distnet.outcome import CellOutcome
@@ -76,37 +75,6 @@ def on_drivers_node() -> dict:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
-@dataclass
-class Saved:
-    """What a lane's checkpoint holds beside its meta.json (which job, done or not): the loop's
-    state and rank 0's records not yet in MLflow (MlflowSink.state_dict)."""
-
-    loop: worker.TrainState
-    records: dict
-
-
-def _committer(rank: int, seq: int, sink: tracking.MlflowSink | None):
-    """worker.train's commit: report a checkpoint to Ray Train (every rank must call report the
-    same number of times; rank 0 alone writes one). It carries the loop state and rank 0's metrics
-    not yet in MLflow, so a restarted worker loses and repeats nothing."""
-
-    def commit(state: worker.TrainState, done: bool) -> None:
-        if rank != 0:
-            ray.train.report({}, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(Saved(state, sink.state_dict()), Path(tmp) / "state.pt")
-            (Path(tmp) / "meta.json").write_text(json.dumps({"seq": seq, "done": done, "step": state.step}))
-            ray.train.report({"seq": seq, "step": state.step, "done": done}, checkpoint=Checkpoint.from_directory(tmp))
-
-    return commit
-
-
-def _load_checkpoint(ckpt: Checkpoint) -> tuple[dict, Saved]:
-    with ckpt.as_directory() as d:
-        return json.loads((Path(d) / "meta.json").read_text()), torch.load(Path(d) / "state.pt", weights_only=False)
-
-
 def _train_loop(loop_config: dict) -> None:
     """Runs in every Ray Train worker of a lane: take jobs until the queue is empty. After a worker
     failure Ray Train restarts the group here, and the latest checkpoint says where to go on: into
@@ -118,7 +86,7 @@ def _train_loop(loop_config: dict) -> None:
     loop_config["login"].install()  # before rank 0's first request to a tracking server that asks for it
     seq, resume, done = 0, None, False
     if (ckpt := ray.train.get_checkpoint()) is not None:
-        meta, resume = _load_checkpoint(ckpt)
+        meta, resume = checkpoint.load(ckpt)
         seq, done = meta["seq"], meta["done"]
     while (taken := ray.get(queue.take.remote(lane, seq, rank)))[0] is not None:
         ref, again = taken
@@ -130,7 +98,7 @@ def _train_loop(loop_config: dict) -> None:
             (arrays,) = ray.get([job.data])
             # As many torch threads as the CPUs the worker reserved (Ray leaves torch at 1 here).
             torch.set_num_threads(max(1, int(job.cfg.ray.cpus_per_worker)))
-            state = worker.train(job.cfg, arrays, env, sink, _committer(rank, seq, sink), resume and resume.loop)
+            state = worker.train(job.cfg, arrays, env, sink, checkpoint.committer(rank, seq, sink), resume and resume.loop)
         if rank == 0:
             acc_key = schema.acc(schema.eval_prefix(job.cfg.data.split))
             outcome = tracking.Outcome(state.diverged, state.all_reduce, acc_key)
@@ -138,7 +106,7 @@ def _train_loop(loop_config: dict) -> None:
         seq, resume, done = seq + 1, None, False
 
 
-def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: Saved | None,
+def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: checkpoint.Saved | None,
                again: bool) -> tracking.MlflowSink:
     """Rank 0's sink for a job's runs. Where the training ran goes with its first records; a job
     picked up again (`again`: after a worker died; `job.resumed`: after a driver died) first writes
@@ -259,7 +227,7 @@ def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, ad
         board = ProgressBoard.options(**on_drivers_node()).remote() if show_progress else None
         with tracking_server.ServerWatch(tracking_uri, say):
             result = fit_lane(cfg, queue, 0, tracking_uri, ray_name, board)
-        state = _load_checkpoint(result.checkpoint)[1].loop
+        state = checkpoint.load(result.checkpoint)[1].loop
     except Exception as e:
         tracking.fail_runs(tracking_uri, run_ids, e, cfg=cfg)
         raise

@@ -133,8 +133,8 @@ def jacobian(model: PopulationMLP, x: torch.Tensor) -> dict[str, np.ndarray]:
         mean, spread, peak = torch.stack(moments).mean(0).T.cpu().numpy()
         levels = torch.tensor(schema.JACOBIAN_QUANTILES, dtype=torch.float64, device=x.device) / 100
         quantiles = torch.quantile(torch.cat(spectra, 1), levels, dim=1).cpu().numpy()  # [Q, P]
-    return {schema.jacobian("mean"): mean, schema.jacobian("spread"): spread, schema.jacobian("max"): peak,
-            schema.jacobian("q_in"): q_in,
+    return {**{schema.jacobian(m): v for m, v in zip(schema.JACOBIAN_MOMENTS, (mean, spread, peak))},
+            schema.jacobian(schema.JACOBIAN_Q_IN): q_in,
             **{schema.quantile_name(pct): q for pct, q in zip(schema.JACOBIAN_QUANTILES, quantiles)}}
 
 

@@ -43,6 +43,12 @@ def jacobian(moment: str) -> str:
     return JACOBIAN + moment
 
 
+# The spectrum's moments over the probe images: the mean squared singular value, its spread
+# (variance / mean^2) and the largest; and q_in, the first hidden layer's pre-activation length.
+JACOBIAN_MOMENTS = ("mean", "spread", "max")
+JACOBIAN_Q_IN = "q_in"
+
+
 # The spectrum itself, as quantiles of the squared singular values of the probe images together
 # (`jacobian/q00` the smallest, `jacobian/q50` the median, `jacobian/q100` the largest): an
 # equal-mass histogram that `distnet report` draws as the spectrum's distribution function.

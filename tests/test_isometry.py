@@ -101,7 +101,7 @@ def test_report_of_a_sweep_with_cases_and_the_spectrum(ray_cluster, tracking_uri
                    for k in ["jacobian/mean", "jacobian/spread", "jacobian/max", "jacobian/q_in"]
                    + [schema.quantile_name(p) for p in schema.JACOBIAN_QUANTILES]}
         assert sorted(history["jacobian/spread"]) == [0, 1, 2]
-        assert a.measured == {e: {m: history[f"jacobian/{m}"][e] for m in isometry.MOMENTS} for e in (0, 1, 2)}
+        assert a.measured == {e: {m: history[f"jacobian/{m}"][e] for m in schema.JACOBIAN_MOMENTS} for e in (0, 1, 2)}
         np.testing.assert_allclose(a.quantiles[2], [history[schema.quantile_name(p)][2]
                                                     for p in schema.JACOBIAN_QUANTILES], rtol=1e-12)
         table = steptable.read(client, r.info.run_id)
