@@ -5,7 +5,7 @@ spectrum of the hidden stack's Jacobian that runs with `train.jacobian` measured
 An arm is one case at one depth (its seeds together); a run's case is its sweep's `case` tag
 (configs/isometry.yaml), else its activation, init and variant. Learning speed is the number of steps
 until the training accuracy, the mean of `train/batch_acc` over WINDOW consecutive steps of the step
-table, first reaches THRESHOLD. Extraction and drawing are separate, as in report.py.
+table, first reaches THRESHOLD. Extraction and drawing are separate, as in distnet.report.
 """
 
 from __future__ import annotations
