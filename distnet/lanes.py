@@ -1,8 +1,8 @@
 """The two small actors a driver shares with its trainers: the job queue of the lanes and the board
 rank 0 posts its progress to.
 
-This module imports nothing but Ray, the record's names (distnet.schema) and the cells' outcomes
-(distnet.outcome), and the queue holds
+This module imports nothing but Ray, the record's names (distnet.schema), the cells' outcomes
+(distnet.outcome) and the progress record (distnet.progress), and the queue holds
 references to jobs rather than the jobs themselves (a job's config would import torch through the
 registry): an actor's process imports the module of its class and unpickles its arguments, so these
 actors start in a fraction of a second instead of the 3 s that importing torch, Ray Train and MLflow
@@ -18,6 +18,7 @@ import ray
 
 from distnet import schema
 from distnet.outcome import CellOutcome
+from distnet.progress import Progress
 
 
 @ray.remote(num_cpus=0)
@@ -25,12 +26,12 @@ class ProgressBoard:
     """Rank 0 posts its progress here; the driver polls it for the progress line."""
 
     def __init__(self):
-        self.state: dict = {}
+        self.state = Progress()
 
-    def update(self, state: dict) -> None:
-        self.state.update(state)
+    def update(self, update: Progress) -> None:
+        self.state = self.state.merged(update)
 
-    def get(self) -> dict:
+    def get(self) -> Progress:
         return self.state
 
 

@@ -118,7 +118,7 @@ def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: check
     if resume is not None or again or job.resumed:
         step = resume.loop.step if resume is not None else 0
         sink.tags.append(RunTag(schema.RESUMED_FROM_STEP, str(step)))
-        sink.load_state_dict(resume.records if resume is not None else None)
+        sink.resume(resume.records if resume is not None else None)
         tracking.count_restart(uri, job.run_ids)
     return sink
 

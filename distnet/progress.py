@@ -4,20 +4,39 @@ from __future__ import annotations
 
 import sys
 import threading
+from dataclasses import dataclass, fields
 from typing import Callable
 
 BAR = 24
 
 
-def render(state: dict, epochs: int, eval_name: str) -> str:
-    step, total = state.get("step", 0), state.get("total_steps") or 0
+@dataclass(frozen=True)
+class Progress:
+    """Where a training is, as rank 0 posts it: a log interval's update (step, total_steps, the
+    last step's mean loss) or an epoch's (epoch, mean held-out accuracy); the board keeps them
+    merged. None: not posted yet."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    epoch: int | None = None
+    acc: float | None = None
+
+    def merged(self, update: Progress) -> Progress:
+        """This, with what `update` posts."""
+        return Progress(**{f.name: getattr(self, f.name) if getattr(update, f.name) is None else getattr(update, f.name)
+                           for f in fields(self)})
+
+
+def render(state: Progress, epochs: int, eval_name: str) -> str:
+    step, total = state.step or 0, state.total_steps or 0
     filled = BAR * step // total if total else 0
-    parts = [f"epoch {state.get('epoch', 0)}/{epochs}", "[" + "#" * filled + "." * (BAR - filled) + "]",
+    parts = [f"epoch {state.epoch or 0}/{epochs}", "[" + "#" * filled + "." * (BAR - filled) + "]",
              f"step {step}/{total or '?'}"]
-    if "loss" in state:
-        parts.append(f"loss {state['loss']:.4f}")
-    if "acc" in state:
-        parts.append(f"{eval_name} acc {100 * state['acc']:.2f}%")
+    if state.loss is not None:
+        parts.append(f"loss {state.loss:.4f}")
+    if state.acc is not None:
+        parts.append(f"{eval_name} acc {100 * state.acc:.2f}%")
     return "  ".join(parts)
 
 
@@ -25,7 +44,7 @@ class ProgressPrinter:
     """Polls `get_state` in a background thread while the training runs. On a terminal the line
     is redrawn in place; otherwise (CI, log files) one line is printed per finished epoch."""
 
-    def __init__(self, get_state: Callable[[], dict], epochs: int, eval_name: str, interval: float = 0.5,
+    def __init__(self, get_state: Callable[[], Progress], epochs: int, eval_name: str, interval: float = 0.5,
                  stream=None):
         self.get_state, self.epochs, self.eval_name = get_state, epochs, eval_name
         self.interval = interval
@@ -35,15 +54,15 @@ class ProgressPrinter:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._last_epoch = None
 
-    def _show(self, state: dict) -> None:
-        if not state:
+    def _show(self, state: Progress) -> None:
+        if state == Progress():
             return
         line = render(state, self.epochs, self.eval_name)
         if self.tty:
             self.stream.write("\r" + line + "\033[K")
             self.stream.flush()
-        elif state.get("epoch") != self._last_epoch and "acc" in state:
-            self._last_epoch = state.get("epoch")
+        elif state.epoch != self._last_epoch and state.acc is not None:
+            self._last_epoch = state.epoch
             print(line, file=self.stream, flush=True)
 
     def _run(self) -> None:

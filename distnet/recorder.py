@@ -20,6 +20,7 @@ from distnet import metrics, schema
 from distnet.config import Config
 from distnet.drills import FaultHooks
 from distnet.model import PopulationMLP
+from distnet.progress import Progress
 from distnet.stepper import pixels
 
 
@@ -33,7 +34,7 @@ class Sink(Protocol):
         """Record full-resolution rows: columns[name][i, k] ([n, P] arrays) is member k's value at
         steps[i], kept where active[i, k]."""
 
-    def progress(self, state: dict) -> None:
+    def progress(self, state: Progress) -> None:
         """Where the training is (step, epoch, loss, accuracy), for the driver's progress line."""
 
     def flush(self) -> None:
@@ -84,7 +85,7 @@ class Recorder:
         active = (diverged_at < 0).cpu().numpy()
         self.sink.log(e, values, active)
         if active.any():
-            self.sink.progress({"epoch": e, "acc": float(values[schema.acc(self.eval_prefix)][active].mean())})
+            self.sink.progress(Progress(epoch=e, acc=float(values[schema.acc(self.eval_prefix)][active].mean())))
         return values
 
     def steps(self, pending: list[int], norms: torch.Tensor, global_batch: torch.Tensor, diverged_at: torch.Tensor) -> None:
@@ -105,7 +106,7 @@ class Recorder:
             last_loss = host[-1, :, self.model.n_segments]
         else:
             last_loss = global_batch[-1, :, 0].cpu().numpy()
-        sink.progress({"step": pending[-1] + 1, "total_steps": self.total_steps, "loss": float(np.nanmean(last_loss))})
+        sink.progress(Progress(step=pending[-1] + 1, total_steps=self.total_steps, loss=float(np.nanmean(last_loss))))
 
     def close(self, diverged_at: torch.Tensor) -> None:
         """The training's end: the last, partial interval to MLflow."""

@@ -37,6 +37,8 @@ from mlflow.tracking import MlflowClient
 
 from distnet import cellrecords, schema, steptable
 from distnet.outcome import NAN, CellOutcome, grad_ratio
+from distnet.progress import Progress
+from distnet.recordbuffer import RecordBuffer, Row
 from distnet.config import Config, Member, config_hash, dump_yaml, flatten
 from distnet.tracking_server import SQLITE, is_server
 
@@ -215,15 +217,12 @@ def fail_runs(uri: str, run_ids: list[str], error: BaseException, tags: dict[str
     concurrent(uri, fail, range(len(run_ids)))
 
 
-Row = tuple[str, float, int, int]  # a metric value: key, value, timestamp (ms), step
-
-
 def write_batches(client: MlflowClient, run_id: str, metrics: list[Row], tags: list[RunTag] = (),
                   params: list[Param] = ()) -> None:
     """Append metric values (and set tags and params) with MLflow's log_batch, within its limits a
     call (1000 entities, of them 100 params and 100 tags). Each call is one transaction (so
     retry_busy never writes one twice); values are in step order, so a crash between calls leaves
-    every key holding all its steps up to some step (what MlflowSink.load_state_dict relies on). The tags
+    every key holding all its steps up to some step (what MlflowSink.resume relies on). The tags
     and params go with the last call, unless they would not fit there."""
     chunks = [metrics[i:i + MAX_METRICS_PER_BATCH] for i in range(0, len(metrics), MAX_METRICS_PER_BATCH)]
     last = chunks.pop() if chunks else []
@@ -240,30 +239,6 @@ def write_batches(client: MlflowClient, run_id: str, metrics: list[Row], tags: l
                    params=list(params))
 
 
-class StepRows:
-    """One member's full-resolution rows since the last flush: steps and a [n, C] float32 block."""
-
-    def __init__(self):
-        self.steps: list[np.ndarray] = []
-        self.values: list[np.ndarray] = []
-
-    def add(self, steps: np.ndarray, values: np.ndarray) -> None:
-        if len(steps):
-            self.steps.append(steps)
-            self.values.append(values)
-
-    def block(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(steps [n], values [n, C]) of everything added since the last clear(), or None."""
-        if not self.steps:
-            return None
-        if len(self.steps) > 1:  # compact once: the next call is free
-            self.steps, self.values = [np.concatenate(self.steps)], [np.concatenate(self.values)]
-        return self.steps[0], self.values[0]
-
-    def clear(self) -> None:
-        self.steps, self.values = [], []
-
-
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """How a training ended, for closing its runs: members that diverged (member -> step), which
@@ -275,31 +250,25 @@ class Outcome:
 
 
 class MlflowSink:
-    """Rank 0's sink: buffers per-member MLflow metrics and step-table rows and writes them on
-    flush, which the loop calls at each checkpoint (after the checkpoint is committed); `close`
-    writes the rest with the runs' outcome and ends them. The first write to a run also carries its
-    member's params and `config.yaml` (from `cfg`). Members are written concurrently."""
+    """Rank 0's sink: keeps what the loop logs in a RecordBuffer (which each checkpoint carries) and
+    writes it on flush, which the loop calls at each checkpoint (after the checkpoint is committed);
+    `close` writes the rest with the runs' outcome and ends them. The first write to a run also
+    carries its member's params and `config.yaml` (from `cfg`). Members are written concurrently.
+    A job picked up again after a restart is `resume`d first."""
 
-    def __init__(self, uri: str, cfg: Config, runs: list[RunRef], on_progress: Callable[[dict], None] | None = None,
+    def __init__(self, uri: str, cfg: Config, runs: list[RunRef], on_progress: Callable[[Progress], None] | None = None,
                  tags: dict[str, str] | None = None, parent: RunRef | None = None):
-        self.uri = uri
-        self.cfg = cfg
+        self.uri, self.cfg, self.runs = uri, cfg, runs
+        self.client = MlflowClient(uri)
+        self.buffer = RecordBuffer(len(runs))
         self.opened = [False] * len(runs)  # member k's params and config.yaml written
         # Under a sweep, what is written is also kept for the parent's cell records (cellrecords).
         self.parent = parent
         self.collector = cellrecords.Collector(len(runs)) if parent is not None else None
-        self.client = MlflowClient(uri)
-        self.runs = runs
-        # Plain (key, value, timestamp, step) tuples: an MLflow Metric object per value cost ~12 us
-        # a value on the hot path.
-        self.buffers: list[list[Row]] = [[] for _ in runs]
-        self.columns: list[str] = []  # the step tables' series, fixed by the first log_steps
-        self.rows = [StepRows() for _ in runs]
-        # Each member's first and latest step-table row (step, values): the summary's gradient ratio.
-        self.first: list[tuple[int, np.ndarray] | None] = [None] * len(runs)
-        self.latest: list[tuple[int, np.ndarray] | None] = [None] * len(runs)
-        self.written_upto: list[dict[str, int]] = [{} for _ in runs]  # filled by load_state_dict()
-        self.latest_values: list[dict[str, float]] = [{} for _ in runs]  # each key's value at its last step
+        # What MLflow held of each run when the job was resumed: each key's last step (not written
+        # again) and its value there; and each key's value at its last step written since.
+        self.written_upto: list[dict[str, int]] = [{} for _ in runs]
+        self.latest_values: list[dict[str, float]] = [{} for _ in runs]
         self.tags = [RunTag(k, v) for k, v in (tags or {}).items()]  # go with the next log_batch
         self.on_progress = on_progress
 
@@ -308,42 +277,27 @@ class MlflowSink:
         return [r.run_id for r in self.runs]
 
     def log(self, step: int, values: dict[str, np.ndarray], active: np.ndarray) -> None:
-        ts = int(time.time() * 1000)
-        members = np.flatnonzero(active).tolist()
-        for name, per_member in values.items():
-            v = np.asarray(per_member, dtype=np.float64).tolist()
-            for k in members:
-                self._append(k, (name, v[k], ts, step))
+        self.buffer.log(step, values, active)
 
     def log_steps(self, steps: list[int], columns: dict[str, np.ndarray], active: np.ndarray) -> None:
-        self.columns = list(columns)
-        block = np.stack([np.asarray(v, dtype=np.float32) for v in columns.values()], 2)  # [n, P, C]
-        steps = np.asarray(steps, dtype=np.int64)
-        for k in range(len(self.runs)):
-            keep = np.flatnonzero(active[:, k])
-            if len(keep):
-                self.rows[k].add(steps[keep], block[keep, k])
-                if self.first[k] is None:
-                    self.first[k] = (int(steps[keep[0]]), block[keep[0], k])
-                self.latest[k] = (int(steps[keep[-1]]), block[keep[-1], k])
+        self.buffer.log_steps(steps, columns, active)
 
-    def progress(self, state: dict) -> None:
+    def progress(self, state: Progress) -> None:
         if self.on_progress is not None:
             self.on_progress(state)
 
     def state_dict(self) -> dict:
         """What log() and log_steps() hold that flush() has not written: goes into the checkpoint."""
-        return {"metrics": [list(buf) for buf in self.buffers], "columns": list(self.columns),
-                "rows": [r.block() for r in self.rows], "first": list(self.first), "latest": list(self.latest)}
+        return self.buffer.state_dict()
 
-    def load_state_dict(self, unflushed: dict | None) -> None:
-        """After a restart, from a checkpoint's state_dict(): write its metrics and rows, and from now on
-        skip every (key, step) MLflow already holds. Each key's steps are written in order, one
-        atomic log_batch at a time, so what MLflow holds of a key is all steps up to its last one.
-        The dead group may have got past the checkpoint we resume from (Ray registers a reported
-        checkpoint asynchronously) or died inside a flush; the replayed steps are the same numbers,
-        computed again: metrics are not written twice, and a step-table part written again replaces
-        itself (steptable)."""
+    def resume(self, unflushed: dict | None) -> None:
+        """A job picked up again after a restart: read what MLflow holds of its runs, write none of
+        it again, and write the checkpoint's `unflushed` records (state_dict()). Each key's steps are
+        written in order, one atomic log_batch at a time, so what MLflow holds of a key is all steps
+        up to its last one. The dead group may have got past the checkpoint we resume from (Ray
+        registers a reported checkpoint asynchronously; without `unflushed`, past the job's start)
+        or died inside a flush; the replayed steps are the same numbers, computed again: metrics are
+        not written twice, and a step-table part written again replaces itself (steptable)."""
 
         def written(run_id: str) -> tuple[dict[str, int], dict[str, float]]:
             latest = self.client.get_run(run_id).data.metrics
@@ -351,66 +305,44 @@ class MlflowSink:
 
         self.written_upto, self.latest_values = map(list, zip(*concurrent(self.uri, written, self.run_ids)))
         self.collector = None  # what the dead group wrote is not here: no cell records from this job
-        for k in range(len(self.runs)):
-            self.buffers[k] = []
-            self.rows[k] = StepRows()
-            if unflushed is None:
-                continue
-            for row in unflushed["metrics"][k]:
-                self._append(k, tuple(row))
-            if unflushed["rows"][k] is not None:
-                self.rows[k].add(*unflushed["rows"][k])
         if unflushed is not None:
-            self.columns = unflushed["columns"]
-            self.first, self.latest = list(unflushed["first"]), list(unflushed["latest"])
-        else:  # a training resumed by a new driver: the step tables hold where it started
+            self.buffer.load_state_dict(unflushed)
+        else:  # the step tables hold where the job started: the ratios' first rows
             for k, run_id in enumerate(self.run_ids):
                 table = steptable.read(self.client, run_id)
                 if table:
-                    self.columns = [c for c in table if c != "step"]
-                    self.first[k] = (int(table["step"][0]), np.array([table[c][0] for c in self.columns]))
+                    self.buffer.columns = [c for c in table if c != "step"]
+                    self.buffer.first[k] = (int(table["step"][0]), np.array([table[c][0] for c in self.buffer.columns]))
         self.flush()
-
-    def _append(self, k: int, row: Row) -> None:
-        if row[3] > self.written_upto[k].get(row[0], -1):
-            self.buffers[k].append(row)
-            self.latest_values[k][row[0]] = row[1]  # a key's rows come in step order
 
     def write(self, k: int, end_tags: list[RunTag] = ()) -> None:
         """Member k's step-table part (one upload), the first time its `config.yaml` (one upload),
-        and its metrics, tags and the first time params (one log_batch, more only past MLflow's
-        limits a call). The step-table part goes first: the upload's read of the run is then made
-        before the params are in it."""
-        block = self.rows[k].block()
-        if block is not None:
-            steps, values = block
-            columns = dict(zip(self.columns, values.T))
+        and its metrics (less what MLflow held at a resume), tags and the first time params (one
+        log_batch, more only past MLflow's limits a call). The step-table part goes first: the
+        upload's read of the run is then made before the params are in it."""
+        rows, table = self.buffer.pending(k)
+        if table is not None:
+            steps, columns = table
             with tempfile.TemporaryDirectory() as tmp:
                 upload(self.uri, self.runs[k], steptable.write_part(Path(tmp), steps, columns), steptable.ARTIFACT_DIR)
             if self.collector is not None:
                 self.collector.step_rows(k, steps, columns)
-            self.rows[k].clear()
+        rows = [r for r in rows if r[3] > self.written_upto[k].get(r[0], -1)]
         params = []
         if not self.opened[k]:
             params, text = member_record(self.cfg, k)
             upload_text(self.uri, self.runs[k], text, "config.yaml")
-        write_batches(self.client, self.runs[k].run_id, self.buffers[k], self.tags + list(end_tags), params)
+        write_batches(self.client, self.runs[k].run_id, rows, self.tags + list(end_tags), params)
         self.opened[k] = True
+        self.latest_values[k].update((r[0], r[1]) for r in rows)  # a key's rows come in step order
         if self.collector is not None:
-            self.collector.metrics(k, self.buffers[k])
-        self.buffers[k].clear()
+            self.collector.metrics(k, rows)
+        self.buffer.clear(k)
 
     def flush(self) -> None:
         """Every member's records, concurrently."""
         concurrent(self.uri, self.write, range(len(self.runs)))
         self.tags = []
-
-    def ratios(self, k: int) -> tuple[float, float]:
-        """Member k's gradient ratio at the first and the latest step of its step table."""
-        if self.first[k] is None:
-            return NAN, NAN
-        n_layers = sum(c.startswith(schema.GRAD_NORM_W) for c in self.columns)
-        return tuple(grad_ratio(dict(zip(self.columns, row[1])), n_layers) for row in (self.first[k], self.latest[k]))
 
     def close(self, outcome: Outcome) -> list[CellOutcome]:
         """The last flush, with each run's outcome tags and summary ratios, then FINISHED: returns
@@ -418,10 +350,10 @@ class MlflowSink:
         ts = int(time.time() * 1000)
 
         def end(k: int) -> CellOutcome:
-            ratios = self.ratios(k)
-            if self.first[k] is not None:
-                self._append(k, (schema.RATIO_INIT, ratios[0], ts, self.first[k][0]))
-                self._append(k, (schema.RATIO_END, ratios[1], ts, self.latest[k][0]))
+            ratios, first, latest = self.buffer.ratios(k), self.buffer.first[k], self.buffer.latest[k]
+            if first is not None:
+                self.buffer.metrics[k] += [(schema.RATIO_INIT, ratios[0], ts, first[0]),
+                                           (schema.RATIO_END, ratios[1], ts, latest[0])]
             diverged_at = outcome.diverged.get(k)
             if diverged_at is not None:
                 tags = [RunTag(schema.STATUS, schema.DIVERGED), RunTag(schema.DIVERGED_STEP, str(diverged_at))]

@@ -118,7 +118,7 @@ def test_sink_restore_writes_what_the_checkpoint_held_once(tracking_uri):
     held = sink.state_dict()  # the checkpoint; then the worker dies before flushing
     for _ in range(2):  # the second time, as if the restarted worker had died after its flush
         again = tracking.MlflowSink(tracking_uri, cfg, [run])
-        again.load_state_dict(held)
+        again.resume(held)
         history = client.get_metric_history(run_id, "grad_norm/w/layer_1")
         assert sorted((m.step, m.value) for m in history) == [(0, 2.0), (3, 11.5)]
         table = steptable.read(client, run_id)
