@@ -101,8 +101,8 @@ def _train_loop(loop_config: dict) -> None:
             state = worker.train(job.cfg, arrays, env, sink, checkpoint.committer(rank, seq, sink), resume and resume.loop)
         if rank == 0:
             acc_key = schema.acc(schema.eval_prefix(job.cfg.data.split))
-            outcome = tracking.Outcome(state.diverged, state.all_reduce, acc_key)
-            ray.get(queue.done.remote(lane, seq, sink.close(outcome)))
+            end = tracking.TrainingEnd(state.diverged, state.all_reduce, acc_key)
+            ray.get(queue.done.remote(lane, seq, sink.close(end)))
         seq, resume, done = seq + 1, None, False
 
 

@@ -240,8 +240,8 @@ def write_batches(client: MlflowClient, run_id: str, metrics: list[Row], tags: l
 
 
 @dataclasses.dataclass(frozen=True)
-class Outcome:
-    """How a training ended, for closing its runs: members that diverged (member -> step), which
+class TrainingEnd:
+    """How a job's training ended, for closing its runs (each cell's CellOutcome is made from it): members that diverged (member -> step), which
     all-reduce it took, and the accuracy key its summary reports (`test/acc` or `val/acc`)."""
 
     diverged: dict[int, int]
@@ -344,27 +344,27 @@ class MlflowSink:
         concurrent(self.uri, self.write, range(len(self.runs)))
         self.tags = []
 
-    def close(self, outcome: Outcome) -> list[CellOutcome]:
+    def close(self, end: TrainingEnd) -> list[CellOutcome]:
         """The last flush, with each run's outcome tags and summary ratios, then FINISHED: returns
         each member's outcome."""
         ts = int(time.time() * 1000)
 
-        def end(k: int) -> CellOutcome:
+        def close_run(k: int) -> CellOutcome:
             ratios, first, latest = self.buffer.ratios(k), self.buffer.first[k], self.buffer.latest[k]
             if first is not None:
                 self.buffer.metrics[k] += [(schema.RATIO_INIT, ratios[0], ts, first[0]),
                                            (schema.RATIO_END, ratios[1], ts, latest[0])]
-            diverged_at = outcome.diverged.get(k)
+            diverged_at = end.diverged.get(k)
             if diverged_at is not None:
                 tags = [RunTag(schema.STATUS, schema.DIVERGED), RunTag(schema.DIVERGED_STEP, str(diverged_at))]
             else:
                 tags = [RunTag(schema.STATUS, schema.FINISHED)]
-            self.write(k, tags + [RunTag(schema.ALL_REDUCE, outcome.all_reduce)])
+            self.write(k, tags + [RunTag(schema.ALL_REDUCE, end.all_reduce)])
             retry_busy(self.client.set_terminated, self.runs[k].run_id, RunStatus.to_string(RunStatus.FINISHED))
             return CellOutcome.trained(self.runs[k].run_id, diverged_at,
-                                       self.latest_values[k].get(outcome.acc_key, NAN), ratios)
+                                       self.latest_values[k].get(end.acc_key, NAN), ratios)
 
-        rows = concurrent(self.uri, end, range(len(self.runs)))
+        rows = concurrent(self.uri, close_run, range(len(self.runs)))
         self.tags = []
         if self.collector is not None:  # one part per job, named by its first run
             with tempfile.TemporaryDirectory() as tmp:

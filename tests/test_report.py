@@ -242,7 +242,7 @@ def test_records_and_run_reads_give_the_same_report(both, tmp_path, monkeypatch)
     assert set(reads) == lost and len(lost) == 4
 
     # The group cap: 2 of the 4 (activation, init) groups drawn, said so; heatmaps and tables whole.
-    monkeypatch.setattr(report, "GROUP_FIGURES", 2)
+    monkeypatch.setattr("distnet.report.write.GROUP_FIGURES", 2)  # where `distnet report` reads it
     manifest, _ = report.report(tracking_uri, ["both"], tmp_path / "capped")
     drawn = report.drawn_groups(per_run, 2)
     assert drawn == [("sigmoid", "nielsen"), ("tanh", "xavier_normal")]  # the first and the last

@@ -49,7 +49,7 @@ def test_step_tables_hold_every_step_and_mlflow_their_interval_summaries(mnist, 
     recorded, sink = RecordingSink(), tracking.MlflowSink(tracking_uri, cfg, runs)
     out = worker.train(cfg, arrays, worker.WorkerEnv(), Tee(sink, recorded))
     diverged = worker.diverged_members(out.diverged_at)
-    summary = sink.close(tracking.Outcome(diverged, out.all_reduce, "test/acc"))
+    summary = sink.close(tracking.TrainingEnd(diverged, out.all_reduce, "test/acc"))
     assert out.step == 30 and list(diverged) == [1] and diverged[1] < 25
     client = MlflowClient(tracking_uri)
     names = metrics.step_names(3)

@@ -30,9 +30,9 @@ from distnet.report.extract import (Band, TrainabilityMap, accuracy_grid, band, 
                                     init_profile, init_table, layer_curves, per_layer_factor, step_curves,
                                     trainability_maps)
 from distnet.report.runs import ReportError, Run, find_runs, read_runs
-from distnet.report.write import GROUP_FIGURES, drawn_groups, report, write_report
+from distnet.report.write import drawn_groups, report, write_report
 
-__all__ = ["Band", "GROUP_FIGURES", "ReportError", "Run", "TrainabilityMap", "accuracy_figure", "accuracy_grid", "band",
+__all__ = ["Band", "ReportError", "Run", "TrainabilityMap", "accuracy_figure", "accuracy_grid", "band",
            "cell_table", "drawn_groups", "figure_counts", "find_runs", "init_grad_profile", "init_profile",
            "init_table", "layer_curves", "layer_figure", "per_layer_factor", "read_runs", "report",
            "step_curves", "trainability_figure", "trainability_maps", "within_layer", "write_report"]
