@@ -51,8 +51,8 @@ class JobQueue:
         self.ahead = ahead or len(self.waiting) or 1
         self.closed = bool(entries)  # a queue made with its jobs takes no more
         self.changed = asyncio.Condition()
-        self.taken: dict[tuple[int, int], ray.ObjectRef | None] = {}
-        self.takers: dict[tuple[int, int], set[int]] = {}  # (lane, seq) -> the ranks that took it
+        # (lane, seq) -> the job it got (None: no more) and the ranks that have taken it
+        self.taken: dict[tuple[int, int], tuple[ray.ObjectRef | None, set[int]]] = {}
         self.in_flight: dict[int, tuple[int, ray.ObjectRef, list[str]]] = {}  # lane -> (seq, job, run ids)
         self.outcomes: list[dict] = []  # per job: its cells, and its error or how many diverged
         self.rows: list[CellOutcome] = []  # every cell trained or failed
@@ -77,14 +77,14 @@ class JobQueue:
             if (lane, seq) not in self.taken:
                 await self.changed.wait_for(lambda: self.waiting or self.closed)
                 ref, run_ids = self.waiting.popleft() if self.waiting else (None, None)
-                self.taken[(lane, seq)] = ref
+                self.taken[(lane, seq)] = ref, set()
                 if ref is not None:
                     self.in_flight[lane] = (seq, ref, run_ids)
                 self.changed.notify_all()
-            takers = self.takers.setdefault((lane, seq), set())
+            ref, takers = self.taken[(lane, seq)]
             again = rank in takers
             takers.add(rank)
-            return self.taken[(lane, seq)], again
+            return ref, again
 
     def done(self, lane: int, seq: int, rows: list[CellOutcome]) -> None:
         """Idempotent: a restarted lane may report a job it had finished before dying."""
@@ -98,7 +98,6 @@ class JobQueue:
         the lane's next trainer starts afresh at sequence 0, so its old (lane, seq) answers and
         takers are forgotten."""
         self.taken = {k: v for k, v in self.taken.items() if k[0] != lane}
-        self.takers = {k: v for k, v in self.takers.items() if k[0] != lane}
         if lane not in self.in_flight:
             return None
         _, ref, run_ids = self.in_flight.pop(lane)

@@ -73,6 +73,16 @@ class RecordBuffer:
                     self.first[k] = (int(steps[keep[0]]), block[keep[0], k])
                 self.latest[k] = (int(steps[keep[-1]]), block[keep[-1], k])
 
+    def add(self, k: int, rows: list[Row]) -> None:
+        """Metric rows for member k as they are, with their own steps and timestamps."""
+        self.metrics[k] += rows
+
+    def start_from(self, k: int, table: dict[str, np.ndarray]) -> None:
+        """Member k's step table as MLflow holds it (a job picked up again with nothing to restore):
+        its columns, and its first row, where the gradient ratios start."""
+        self.columns = [c for c in table if c != "step"]
+        self.first[k] = (int(table["step"][0]), np.array([table[c][0] for c in self.columns]))
+
     def ratios(self, k: int) -> tuple[float, float]:
         """Member k's gradient ratio at the first and the latest step of its step table."""
         if self.first[k] is None:

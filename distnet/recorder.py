@@ -88,7 +88,8 @@ class Recorder:
             self.sink.progress(Progress(epoch=e, acc=float(values[schema.acc(self.eval_prefix)][active].mean())))
         return values
 
-    def steps(self, pending: list[int], norms: torch.Tensor, global_batch: torch.Tensor, diverged_at: torch.Tensor) -> None:
+    def steps(self, pending: list[int], norms: torch.Tensor, global_batch: torch.Tensor,
+              diverged_at: torch.Tensor) -> None:
         """The steps `pending`, with their gradient norms [n, P, S] and global batch loss and accuracy
         [n, P, 2]: every row to the step tables, the intervals they complete to MLflow."""
         n, sink = len(pending), self.sink
@@ -141,7 +142,8 @@ class NoRecorder:
               started: float | None = None) -> dict[str, np.ndarray]:
         return {}
 
-    def steps(self, pending: list[int], norms: torch.Tensor, global_batch: torch.Tensor, diverged_at: torch.Tensor) -> None:
+    def steps(self, pending: list[int], norms: torch.Tensor, global_batch: torch.Tensor,
+              diverged_at: torch.Tensor) -> None:
         pass
 
     def close(self, diverged_at: torch.Tensor) -> None:

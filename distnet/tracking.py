@@ -241,8 +241,9 @@ def write_batches(client: MlflowClient, run_id: str, metrics: list[Row], tags: l
 
 @dataclasses.dataclass(frozen=True)
 class TrainingEnd:
-    """How a job's training ended, for closing its runs (each cell's CellOutcome is made from it): members that diverged (member -> step), which
-    all-reduce it took, and the accuracy key its summary reports (`test/acc` or `val/acc`)."""
+    """How a job's training ended, for closing its runs (each cell's CellOutcome is made from it):
+    members that diverged (member -> step), which all-reduce it took, and the accuracy key its
+    summary reports (`test/acc` or `val/acc`)."""
 
     diverged: dict[int, int]
     all_reduce: str
@@ -311,8 +312,7 @@ class MlflowSink:
             for k, run_id in enumerate(self.run_ids):
                 table = steptable.read(self.client, run_id)
                 if table:
-                    self.buffer.columns = [c for c in table if c != "step"]
-                    self.buffer.first[k] = (int(table["step"][0]), np.array([table[c][0] for c in self.buffer.columns]))
+                    self.buffer.start_from(k, table)
         self.flush()
 
     def write(self, k: int, end_tags: list[RunTag] = ()) -> None:
@@ -352,8 +352,7 @@ class MlflowSink:
         def close_run(k: int) -> CellOutcome:
             ratios, first, latest = self.buffer.ratios(k), self.buffer.first[k], self.buffer.latest[k]
             if first is not None:
-                self.buffer.metrics[k] += [(schema.RATIO_INIT, ratios[0], ts, first[0]),
-                                           (schema.RATIO_END, ratios[1], ts, latest[0])]
+                self.buffer.add(k, [(schema.RATIO_INIT, ratios[0], ts, first[0]), (schema.RATIO_END, ratios[1], ts, latest[0])])
             diverged_at = end.diverged.get(k)
             if diverged_at is not None:
                 tags = [RunTag(schema.STATUS, schema.DIVERGED), RunTag(schema.DIVERGED_STEP, str(diverged_at))]

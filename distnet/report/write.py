@@ -16,8 +16,11 @@ import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from distnet import isometry, meanfield, schema  # noqa: E402
-from distnet.report.draw import accuracy_figure, figure_counts, grad_profile_figure, layer_figure, profile_figure, trainability_figure, within_layer  # noqa: E402
-from distnet.report.extract import TRAINED, TrainabilityMap, accuracy_grid, cell_table, init_grad_profile, init_profile, init_table, layer_curves, per_layer_factor, step_curves, trainability_maps  # noqa: E402
+from distnet.report.draw import (accuracy_figure, figure_counts, grad_profile_figure, layer_figure,  # noqa: E402
+                                 profile_figure, trainability_figure, within_layer)
+from distnet.report.extract import (TRAINED, TrainabilityMap, accuracy_grid, cell_table,  # noqa: E402
+                                    init_grad_profile, init_profile, init_table, layer_curves, per_layer_factor,
+                                    step_curves, trainability_maps)
 from distnet.report.runs import Run, find_runs, read_runs  # noqa: E402
 
 
