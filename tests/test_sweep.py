@@ -1,7 +1,7 @@
 """Sweeps on a real local Ray and a real MLflow sqlite store: cells, packing, resume, divergence,
 failures, concurrent writers."""
 
-import os
+import csv
 import sqlite3
 import subprocess
 import sys
@@ -14,12 +14,11 @@ import yaml
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from distnet import config, launch, metrics, schema, steptable, sweep
+from distnet import cli, config, launch, metrics, schema, steptable, sweep
 from distnet.config import ConfigError, flatten
 from distnet.outcome import CellOutcome
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"train": {"epochs": 1, "log_every": 3}, "data": {"train_limit": 1280, "eval_limit": 300}}  # 10 steps
 
 
 def children(uri, parent):
@@ -132,7 +131,7 @@ def test_bad_grid_fails_before_anything_with_the_field(tmp_path):
 
 def test_grid_runs_once_and_resumes_without_logging_twice(ray_cluster, tracking_uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # 100 steps a job: with TINY's 10, one lane once drained the queue (7 of 8 jobs in 1.9 s) before
+    # 100 steps a job: with 10, one lane once drained the queue (7 of 8 jobs in 1.9 s) before
     # the other's worker had started, and nothing was written at the same time.
     raw = {"name": "g8", "train": {"epochs": 1, "log_every": 3}, "data": {"train_limit": 12800, "eval_limit": 300},
            "model": {"width": 20, "activation": "tanh"},
@@ -179,82 +178,86 @@ def test_grid_runs_once_and_resumes_without_logging_twice(ray_cluster, tracking_
     assert len(children(tracking_uri, first.parent_run_id)) == 8
 
 
-def test_divergence_and_failure_are_recorded_and_the_sweep_goes_on(ray_cluster, tracking_uri, tmp_path, monkeypatch):
+def test_divergence_and_failures_are_recorded_and_the_sweep_goes_on(ray_cluster, tmp_path, monkeypatch, capsys):
+    """One lane, three packs of two members (lr 0.1 and 1e4), the first raising at step 2: its cells
+    are FAILED with error.txt, their params and config.yaml; the lane starts a fresh trainer for the
+    other two packs, where lr 1e4 diverges and is recorded so while lr 0.1 goes on; the driver says
+    so and exits 1. A rerun trains only the failed cells, replacing their runs; --force replaces every
+    run. (Two tests once: divergence and failure on two lanes, and a failing first pack on one; one
+    store and one lane now, two trainer starts fewer.)"""
     monkeypatch.chdir(tmp_path)
-    raw = {"name": "bad", **TINY, "model": {"depth": 2, "width": 30, "activation": "relu"},
-           "ray": {"num_workers": 1, "max_failures": 0},  # a deterministic raise: no point retrying it
-           "mlflow": {"experiment": "sweeps-bad"}, "sweep": {"max_concurrent": 2},
-           "grid": {"train.lr": [0.1, 1e4], "fault.raise_at_step": [None, 3]}}
-    result = launch.run_sweep(sweep.build_sweep(raw), tracking_uri, say=lambda *_: None)
-    by_cell = {r.cell: r for r in result.rows}
-    assert by_cell["lr=0.1,raise_at_step=None"].status == "finished"
-    assert by_cell["lr=10000.0,raise_at_step=None"].status == "diverged"
-    assert {r.cell for r in result.failed} == {"lr=0.1,raise_at_step=3", "lr=10000.0,raise_at_step=3"}
-    client = MlflowClient(tracking_uri)
-    diverged = client.get_run(by_cell["lr=10000.0,raise_at_step=None"].run_id)
-    step = int(diverged.data.tags["distnet.diverged_step"])
-    assert diverged.info.status == "FINISHED" and step < 10 and by_cell["lr=10000.0,raise_at_step=None"].diverged_at == step
-    history = client.get_metric_history(diverged.info.run_id, "grad_norm/w/layer_1")
-    assert max(m.step for m in history) == step  # its series stops where it diverged
-    np.testing.assert_array_equal(steptable.read(client, diverged.info.run_id)["step"], np.arange(step + 1))
-    healthy = client.get_metric_history(by_cell["lr=0.1,raise_at_step=None"].run_id, "grad_norm/w/layer_1")
-    assert len(healthy) == 10  # the other member of the same population went on
-    cells = {c.label: c for c in sweep.build_sweep(raw).cells}
-    for r in result.failed:
-        run = client.get_run(r.run_id)
-        assert run.info.status == "FAILED" and "fault injection" in run.data.tags["distnet.error"]
-        assert "fault injection" in Path(client.download_artifacts(r.run_id, "error.txt", str(tmp_path))).read_text()
-        # It failed before its first records: its params and config.yaml came with FAILED.
-        member = cells[r.cell].config.member_config(0)
-        assert {k: v for k, v in run.data.params.items() if k != "name"} == \
-            {k: str(v) for k, v in flatten(member).items() if k != "name"}
-        config_yaml = yaml.safe_load(Path(client.download_artifacts(r.run_id, "config.yaml", str(tmp_path))).read_text())
-        assert {k: v for k, v in config_yaml.items() if k != "name"} == {k: v for k, v in member.items() if k != "name"}
-
-    again = launch.run_sweep(sweep.build_sweep(raw), tracking_uri, say=lambda *_: None)
-    assert again.trained == 2  # only the failed cells are re-run ...
-    live = children(tracking_uri, result.parent_run_id)
-    assert len(live) == 4  # ... and replace their old runs, which are deleted
-    assert {r.info.run_id for r in live} >= {by_cell["lr=0.1,raise_at_step=None"].run_id}
-
-
-def test_a_failing_first_pack_leaves_its_lane_going(ray_cluster, tmp_path):
-    """One lane, three packs, the first raises: its cell is FAILED with error.txt, the lane starts a
-    fresh trainer for the other two, which finish; the driver says 1 failed and exits 1; --force
-    replaces every run."""
-    spec = tmp_path / "lanefail.yaml"
-    spec.write_text("""name: lanefail
-model: {depth: 1, width: 20, activation: tanh}
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("""name: bad
+model: {depth: 2, width: 30, activation: relu}
 data: {train_limit: 1280, eval_limit: 300}
-train: {epochs: 1}
-ray: {num_workers: 1, max_failures: 0}
-mlflow: {experiment: lanefail}
+train: {epochs: 1, log_every: 3}  # 10 steps
+ray: {num_workers: 1, max_failures: 0}  # a deterministic raise: no point retrying it
+mlflow: {experiment: sweeps-bad}
 sweep: {max_concurrent: 1}
-grid: {fault.raise_at_step: [2, null, 50]}  # three trainings; only the first reaches its fault
+grid: {train.lr: [0.1, 1.0e+4], fault.raise_at_step: [2, null, 50]}  # only the first pack reaches its fault
 """)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    cmd = [sys.executable, "-m", "distnet.cli", "sweep", str(spec), "--address", ray_cluster]
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "cells: 2 done, 0 running, 0 diverged, 1 failed, 0 waiting" in proc.stdout
-    assert "FAILED raise_at_step=2: RuntimeError: fault injection" in proc.stdout
-    assert "open the UI: distnet ui " in proc.stdout and f"--tracking-uri {uri}" in proc.stdout
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("lanefail").experiment_id
-    runs = {r.data.tags["fault.raise_at_step"]: r for r in client.search_runs([exp], "tags.`distnet.cell_id` != ''")}
-    assert set(runs) == {"2", "None", "50"}
-    failed = runs["2"]
-    assert failed.info.status == "FAILED"
-    assert "fault injection" in Path(client.download_artifacts(failed.info.run_id, "error.txt", str(tmp_path))).read_text()
-    later = [runs["None"], runs["50"]]
-    assert all(r.info.status == "FINISHED" and r.data.tags["distnet.status"] == "finished" for r in later)
-    assert len({r.data.tags["distnet.trainer"] for r in later}) == 1  # one fresh trainer took both ...
-    assert later[0].data.tags["distnet.trainer"] != failed.data.tags["distnet.trainer"]  # ... not the failed one
 
-    again = subprocess.run(cmd + ["--force"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-3000:]
+    def distnet_sweep(*flags) -> str:
+        """`distnet sweep` (in this process: its start-up is the suite's time): what it printed;
+        it exits 1, for the failed cells."""
+        code = cli.main(["sweep", str(spec), "--address", ray_cluster, *flags])
+        printed = capsys.readouterr().out
+        assert code == 1, printed[-3000:]
+        return printed
+
+    printed = distnet_sweep()
+    assert "cells: 2 done, 0 running, 2 diverged, 2 failed, 0 waiting" in printed
+    assert {line.split(": ")[0] for line in printed.splitlines() if "RuntimeError: fault injection" in line} == \
+        {f"FAILED lr={lr},raise_at_step=2" for lr in (0.1, 10000.0)}
+    assert "open the UI: distnet ui " in printed and f"--tracking-uri {uri}" in printed
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("sweeps-bad").experiment_id
+    runs = {r.data.tags["distnet.cell_id"]: r for r in client.search_runs([exp], "tags.`distnet.cell_id` != ''")}
+    cells = {c.label: c for c in sweep.load_sweep(spec).cells}
+    by_cell = {label: runs[c.id] for label, c in cells.items()}
+    assert len(runs) == 6
+
+    failed = [by_cell[f"lr={lr},raise_at_step=2"] for lr in (0.1, 10000.0)]
+    for label, run in zip([f"lr={lr},raise_at_step=2" for lr in (0.1, 10000.0)], failed):
+        assert run.info.status == "FAILED" and "fault injection" in run.data.tags["distnet.error"]
+        error = Path(client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path)))
+        assert "fault injection" in error.read_text()
+        # It failed before its first records: its params and config.yaml came with FAILED.
+        member = cells[label].config.member_config(0)
+        assert {k: v for k, v in run.data.params.items() if k != "name"} == \
+            {k: str(v) for k, v in flatten(member).items() if k != "name"}
+        config_yaml = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
+        assert {k: v for k, v in config_yaml.items() if k != "name"} == {k: v for k, v in member.items() if k != "name"}
+
+    later = [by_cell[f"lr={lr},raise_at_step={r}"] for lr in (0.1, 10000.0) for r in (None, 50)]
+    assert len({r.data.tags["distnet.trainer"] for r in later}) == 1  # one fresh trainer took both packs ...
+    assert later[0].data.tags["distnet.trainer"] != failed[0].data.tags["distnet.trainer"]  # ... not the failed one
+    for r in (None, 50):
+        healthy, diverged = by_cell[f"lr=0.1,raise_at_step={r}"], by_cell[f"lr=10000.0,raise_at_step={r}"]
+        assert healthy.info.status == "FINISHED" and healthy.data.tags["distnet.status"] == "finished"
+        assert diverged.info.status == "FINISHED" and diverged.data.tags["distnet.status"] == "diverged"
+        step = int(diverged.data.tags["distnet.diverged_step"])
+        assert step < 10
+        history = client.get_metric_history(diverged.info.run_id, "grad_norm/w/layer_1")
+        assert max(m.step for m in history) == step  # its series stops where it diverged
+        np.testing.assert_array_equal(steptable.read(client, diverged.info.run_id)["step"], np.arange(step + 1))
+        # the other member of the same population went on
+        assert len(client.get_metric_history(healthy.info.run_id, "grad_norm/w/layer_1")) == 10
+    summary = Path(client.download_artifacts(later[0].data.tags["mlflow.parentRunId"], "summary.csv", str(tmp_path)))
+    statuses = {row["cell"]: row["status"] for row in csv.DictReader(summary.open())}
+    assert statuses == {label: ("failed" if "=2" in label.split(",")[1] else "finished" if "lr=0.1" in label else
+                                f"diverged@{by_cell[label].data.tags['distnet.diverged_step']}") for label in cells}
+
+    again = launch.run_sweep(sweep.load_sweep(spec), uri, address=ray_cluster, say=lambda *_: None)
+    assert again.trained == 2  # only the failed cells are re-run ...
     live = client.search_runs([exp], "tags.`distnet.cell_id` != ''")
-    assert len(live) == 3 and not {r.info.run_id for r in live} & {r.info.run_id for r in runs.values()}
+    assert len(live) == 6  # ... and replace their old runs, which are deleted
+    assert {r.info.run_id for r in live} == {r.info.run_id for r in later} | {r.run_id for r in again.failed}
+    assert {r.cell for r in again.failed} == {f"lr={lr},raise_at_step=2" for lr in (0.1, 10000.0)}
+
+    distnet_sweep("--force")
+    now = client.search_runs([exp], "tags.`distnet.cell_id` != ''")
+    assert len(now) == 6 and not {r.info.run_id for r in now} & {r.info.run_id for r in live}
     deleted = client.search_runs([exp], "tags.`distnet.cell_id` != ''", run_view_type=ViewType.DELETED_ONLY)
-    assert {r.info.run_id for r in deleted} == {r.info.run_id for r in runs.values()}
+    assert {r.info.run_id for r in deleted} == {r.info.run_id for r in runs.values()} | {r.info.run_id for r in live}
