@@ -77,7 +77,7 @@ def test_report_of_a_sweep_with_cases_and_the_spectrum(ray_cluster, tracking_uri
     sw = sweep.build_sweep({
         "name": "iso", "model": {"width": 20}, "ray": {"num_workers": 1}, "mlflow": {"experiment": "iso"},
         "train": {"epochs": 2, "log_every": 5, "lr": 0.1, "jacobian": True, "probe_size": 50},
-        "data": {"train_limit": 1280, "eval_limit": 300}, "sweep": {"pack": 8},
+        "data": {"train_limit": 1280, "eval_limit": 300}, "sweep": {"pack": 8, "max_concurrent": 1},  # one lane: tests/test_ui.py
         "cases": {"tanh_gaussian": critical | {"model.init": "lecun_normal"},
                   "tanh_orthogonal": critical | {"model.init": "orthogonal"},
                   "linear_gaussian": {"model.activation": "identity", "model.init": "lecun_normal"},

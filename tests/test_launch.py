@@ -1,8 +1,5 @@
 """End to end on a real local Ray (one per test session) and a real MLflow sqlite store."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +8,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from distnet import launch, metrics, steptable
+from distnet import cli, launch, metrics, steptable
 from distnet.config import build_config
 from distnet.model import init_theta
 
@@ -89,14 +86,12 @@ def test_one_epoch_run_is_fully_recorded_in_mlflow(ray_cluster, tracking_uri, tm
     assert min(result.metrics["test/acc"]) > 0.5  # 20 steps already learn something
 
 
-def test_cli_train_prints_accuracy_run_id_and_ui_command(ray_cluster, tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "distnet.cli", "train", str(ROOT / "configs" / "default.yaml"), "train.epochs=1",
-         "data.train_limit=1280", "data.eval_limit=500", "--address", ray_cluster],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+def test_cli_train_prints_accuracy_run_id_and_ui_command(ray_cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # in this process: a second one would only add its start-up
+    code = cli.main(["train", str(ROOT / "configs" / "default.yaml"), "train.epochs=1", "data.train_limit=1280",
+                     "data.eval_limit=500", "--address", ray_cluster])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
     assert "epoch 1/1" in out and "final test accuracy" in out
     run_id = out.split("MLflow run ")[1].split()[0]
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"

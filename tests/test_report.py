@@ -2,8 +2,6 @@
 report on a tiny finished sweep (real Ray, real MLflow): every file, every line and cell."""
 
 import math
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -122,22 +120,22 @@ def both(ray_cluster, tmp_path_factory) -> tuple[str, launch.SweepResult]:
         result = launch.run_sweep(sweep.build_sweep({
             "name": "both", "model": {"width": 16}, "train": {"epochs": 2, "log_every": 5},
             "data": {"train_limit": 1280, "eval_limit": 300}, "ray": {"num_workers": 1},
-            "mlflow": {"experiment": "both"}, "sweep": {"pack": 8},
+            "mlflow": {"experiment": "both"}, "sweep": {"pack": 8, "max_concurrent": 1},  # one lane: tests/test_ui.py
             "grid": {"model.depth": [1, 2], "model.init": ["xavier_normal", "nielsen"],
                      "model.activation": ["sigmoid", "tanh"], "seed": [0, 1]}}), uri, say=lambda *_: None)
     assert result.trained == 16 and not result.failed
     return uri, result
 
 
-def test_report_on_a_finished_sweep(both, tmp_path):
+def test_report_on_a_finished_sweep(both, tmp_path, capsys):
     """`distnet report` on a real sweep: every file, each figure's panels and lines, the per-step
     curves equal to the step tables' seed means, the tables' rows, the report logged to the sweep."""
     tracking_uri, result = both
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "distnet.cli", "report", "--tracking-uri", tracking_uri,
-                           "--out", str(out), "both"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"open the UI: distnet ui {result.parent_run_id} --tracking-uri {tracking_uri}" in proc.stdout
+    code = cli.main(["report", "--tracking-uri", tracking_uri, "--out", str(out), "both"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed[-3000:]
+    assert f"open the UI: distnet ui {result.parent_run_id} --tracking-uri {tracking_uri}" in printed
     expected = {f"{kind}_{act}_{init}.png" for kind in ("speed", "saturation", "activation", "grad_norm")
                 for act in ("sigmoid", "tanh") for init in ("xavier_normal", "nielsen")} | \
         {"init_profile.png", "accuracy.png", "report.md"}

@@ -31,8 +31,11 @@ SHOTS = os.environ.get("DISTNET_SCREENSHOTS") and Path(os.environ["DISTNET_SCREE
 CLI_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(distnet.__file__).parents[1]),
                                                                     os.environ.get("PYTHONPATH")]))}
 INITS = ["xavier_normal", "he_normal", "lecun_normal"]
+# One lane for each sweep (max_concurrent 1): on this 2-core machine a second trainer's start costs
+# more than its share of tiny jobs saves (the 6-cell sweep 21 -> 12.5 s, the 136-cell one 23 ->
+# 17.5 s, medians of two paired runs); concurrency is tested in tests/test_sweep.py.
 SWEEP = {"name": "ui", "model": {"width": 20}, "train": {"epochs": 2}, "data": {"train_limit": 1280, "eval_limit": 300},
-         "ray": {"num_workers": 1}, "mlflow": {"experiment": "ui"},
+         "ray": {"num_workers": 1}, "mlflow": {"experiment": "ui"}, "sweep": {"max_concurrent": 1},
          "grid": {"model.depth": [1, 2], "model.init": INITS, "model.activation": ["tanh"]}}
 # 4 inits x 2 depths x 17 seeds: 136 cells, 2 trainings of 68. Init first in the grid, so in the
 # cells' names: the first 100 by name (what the UI loads) hold 34 + 34 + 32 cells of three inits and
@@ -40,7 +43,7 @@ SWEEP = {"name": "ui", "model": {"width": 20}, "train": {"epochs": 2}, "data": {
 BIG_INITS = ["he_normal", "lecun_normal", "orthogonal", "xavier_normal"]
 BIG = {"name": "big", "model": {"width": 8}, "train": {"epochs": 1, "log_every": 2},
        "data": {"train_limit": 640, "eval_limit": 100}, "ray": {"num_workers": 1}, "mlflow": {"experiment": "big"},
-       "sweep": {"pack": 68}, "grid": {"model.init": BIG_INITS, "model.depth": [1, 2], "seed": list(range(17))}}
+       "sweep": {"pack": 68, "max_concurrent": 1}, "grid": {"model.init": BIG_INITS, "model.depth": [1, 2], "seed": list(range(17))}}
 
 
 def trained(tmp_path_factory, name: str, spec: dict):
