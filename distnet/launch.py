@@ -32,7 +32,7 @@ from mlflow.entities import RunTag
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from distnet import checkpoint, data, download, network, schema, sweep, tracking, tracking_server, worker
+from distnet import cellindex, checkpoint, data, download, network, schema, sweep, tracking, tracking_server, worker
 from distnet.config import Config, config_hash
 from distnet.lanes import JobQueue, ProgressBoard
 from distnet.outcome import CellOutcome
@@ -363,7 +363,8 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
         say(f"sweep {sw.name}: all {len(sw.cells)} cells already finished; MLflow parent run {parent}")
     eval_prefix = schema.eval_prefix(first.data.split)
     rows = _summary_rows(sw, finished, trained, tracking_uri, eval_prefix)
-    tracking.finish_parent(tracking_uri, parent, sweep.summary_csv(rows))
+    index = cellindex.table([c.axes for c in sw.cells], rows)
+    tracking.finish_parent(tracking_uri, parent, sweep.summary_csv(rows), index)
     say(sweep.summary_table(rows, eval_prefix, sw.cells))
     return SweepResult(parent, rows, len(todo))
 

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 import numpy as np
+import pyarrow as pa
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from distnet import cellrecords, schema, steptable
+from distnet import cellindex, cellrecords, schema, steptable
 from distnet.outcome import NAN, CellOutcome, grad_ratio
 from distnet.progress import Progress
 from distnet.recordbuffer import RecordBuffer, Row
@@ -399,6 +400,13 @@ def find_sweep(uri: str, name: str | None = None, sweep_id: str | None = None):
     return found[0] if found else None
 
 
+def sweep_parents(uri: str) -> list:
+    """The parent runs of the store's sweeps (the newest first), in every experiment."""
+    client = MlflowClient(uri)
+    return list(client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                   schema.tag_is(schema.KIND, schema.SWEEP_KIND), order_by=[schema.NEWEST_FIRST]))
+
+
 def child_runs(uri: str, parent_run_id: str) -> list:
     """Every live (not deleted) child run of a sweep's parent."""
     client = MlflowClient(uri)
@@ -419,9 +427,11 @@ def delete_runs(uri: str, run_ids: list[str]) -> None:
     concurrent(uri, lambda run_id: retry_busy(client.delete_run, run_id), run_ids)
 
 
-def finish_parent(uri: str, run_id: str, summary_csv: str) -> None:
+def finish_parent(uri: str, run_id: str, summary_csv: str, index: pa.Table) -> None:
+    """The sweep's summary.csv and cell index (distnet.cellindex) logged, its parent run FINISHED."""
     client = MlflowClient(uri)
     client.log_text(run_id, summary_csv, "summary.csv")
+    cellindex.write(client, run_id, index)
     retry_busy(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 

@@ -18,8 +18,8 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 """
 
-TORCH_FREE = ["config", "choices", "schema", "outcome", "sweep", "tracking", "cellrecords", "steptable", "ui",
-              "report", "isometry", "meanfield", "data", "download", "lanes", "cli"]
+TORCH_FREE = ["config", "choices", "schema", "outcome", "sweep", "tracking", "cellrecords", "cellindex", "steptable", "ui",
+              "report", "isometry", "meanfield", "data", "download", "lanes", "cli", "frames"]
 
 
 def run_blocked(code: str) -> subprocess.CompletedProcess:
