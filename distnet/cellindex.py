@@ -9,6 +9,7 @@ string), which a run's tags and params, all strings, do not.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from distnet.outcome import CellOutcome
 
 ARTIFACT = "cell_index.parquet"
+AXES_KEY = "distnet.axes"  # the schema's metadata: the grid's keys, in its order
 # The index's own columns, after the grid's axes.
 OUTCOME_COLUMNS = ("status", "diverged_at", "acc", "ratio_init", "ratio_end", "error", "run_id", "cell")
 
@@ -42,7 +44,13 @@ def table(axes: list[dict], rows: list[CellOutcome]) -> pa.Table:
                 "error": pa.array([r.error for r in rows], pa.string()),
                 "run_id": pa.array([r.run_id for r in rows], pa.string()),
                 "cell": pa.array([r.cell for r in rows], pa.string())}
-    return pa.table(columns)
+    return pa.table(columns).replace_schema_metadata({AXES_KEY: json.dumps(list(names))})
+
+
+def axes(index: pa.Table) -> dict[str, str]:
+    """The index's axis columns and the grid key each stands for, in the grid's order."""
+    keys = json.loads(index.schema.metadata[AXES_KEY.encode()])
+    return {column: key for key, column in axis_columns(keys).items()}
 
 
 def write(client: MlflowClient, parent_run_id: str, index: pa.Table) -> None:

@@ -47,10 +47,23 @@ def results(sweep: str, tracking_uri: str | None = None) -> pd.DataFrame:
     values = pd.DataFrame([_series_row(records[i]) if i in records else _run_row(uri, i) for i in ids])
     layers = sorted((c for c in values if c.startswith(schema.GRAD_NORM_W)), key=lambda c: int(c.rsplit("_", 1)[1]))
     frame = _frame(index)
-    axes = [c for c in frame if c not in cellindex.OUTCOME_COLUMNS]
-    return pd.concat([frame[[*axes, "status", "diverged_at", "acc"]], values[["acc_best", "train_loss"]],
-                      frame[["ratio_init", "ratio_end"]], values[layers], frame[["run_id", "cell"]]], axis=1).assign(
+    axes = list(cellindex.axes(index))
+    cells = pd.concat([frame[[*axes, "status", "diverged_at", "acc"]], values[["acc_best", "train_loss"]],
+                       frame[["ratio_init", "ratio_end"]], values[layers], frame[["run_id", "cell"]]], axis=1).assign(
         source=pd.Categorical([RECORDS if i in records else source for i in ids], [RECORDS, RUN, LISTING]))
+    acc_key = next((k for r in records.values() for k in schema.ACC_KEYS if k in r), schema.acc("test"))
+    cells.attrs = {"axes": cellindex.axes(index), "acc": acc_key}
+    return cells
+
+
+def listing_columns(cells: pd.DataFrame) -> dict[str, str]:
+    """Each column of a `results` frame that `mlflow.search_runs` gives too, and its name there (a
+    tag's or a metric's latest value, as strings and floats): for moving code over, or comparing."""
+    return ({c: f"tags.{key}" for c, key in cells.attrs["axes"].items()} |
+            {"status": f"tags.{schema.STATUS}", "diverged_at": f"tags.{schema.DIVERGED_STEP}",
+             "acc": f"metrics.{cells.attrs['acc']}", "train_loss": f"metrics.{schema.TRAIN_LOSS}",
+             "ratio_init": f"metrics.{schema.RATIO_INIT}", "ratio_end": f"metrics.{schema.RATIO_END}"} |
+            {c: f"metrics.{c}" for c in cells if c.startswith(schema.GRAD_NORM_W)} | {"run_id": "run_id"})
 
 
 def steps(selector: str, where: dict | None = None, tracking_uri: str | None = None) -> pd.DataFrame:
@@ -64,8 +77,7 @@ def steps(selector: str, where: dict | None = None, tracking_uri: str | None = N
     if parent is None:
         return pd.DataFrame(steptable.read(client, selector))
     index, _ = _index(uri, parent)
-    cells = _frame(index)
-    cells = cells[[c for c in cells if c not in cellindex.OUTCOME_COLUMNS] + ["run_id"]]
+    cells = _frame(index)[[*cellindex.axes(index), "run_id"]]
     for axis, value in (where or {}).items():
         column = axis if axis in cells else axis.split(".")[-1]
         if column not in cells or column == "run_id":

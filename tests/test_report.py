@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 import distnet
 import distnet.frames
 from distnet import cellrecords, cli, launch, report, steptable, sweep
+from listing import assert_same_as_listed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,6 +217,80 @@ def assert_same_runs(a: list[report.Run], b: list[report.Run]) -> None:
             assert x.steps[k].dtype == y.steps[k].dtype and np.array_equal(x.steps[k], y.steps[k]), k
 
 
+@contextlib.contextmanager
+def moved_aside(parent_run, paths: list[str]):
+    """The parent run's artifacts `paths` out of its store for a while (as a sweep whose driver has not
+    written them yet): a test of how a reader does without them."""
+    root = Path(urllib.parse.urlparse(parent_run.info.artifact_uri).path)
+    kept = {root / p: root.parent / f"aside-{p}" for p in paths}
+    for a, b in kept.items():
+        a.rename(b)
+    try:
+        yield
+    finally:
+        for a, b in kept.items():
+            b.rename(a)
+
+
+def test_results_and_steps_hold_what_mlflow_lists(both, monkeypatch):
+    """distnet.results: one typed row per cell, each value equal to what mlflow.search_runs lists for
+    the column both have (and the best accuracy to the run's history), whether read from the cell
+    records, run by run, or from the listing; distnet.steps: the step tables of a slice, each value
+    the run's own step table's. Bad selectors are named."""
+    uri, result = both
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    listed = mlflow.search_runs(experiment_names=["both"], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    client = MlflowClient(uri)
+    parent = client.get_run(result.parent_run_id)
+
+    def check(cells, source):
+        assert len(cells) == 16
+        assert list(cells.columns[:4]) == ["depth", "init", "activation", "seed"]
+        assert cells["depth"].dtype == np.int64 and cells["seed"].dtype == np.int64
+        assert list(cells["init"].cat.categories) == ["xavier_normal", "nielsen"]
+        assert list(cells["activation"].cat.categories) == ["sigmoid", "tanh"]
+        assert (cells["source"] == source).all() and cells["diverged_at"].isna().all()
+        # every column that search_runs has too: 16 cells x (4 axes, status, diverged_at, acc, train_loss,
+        # 2 ratios, 3 layers)
+        assert assert_same_as_listed(cells, listed) == 16 * 13
+        for values in cells.to_dict("records"):
+            row = SimpleNamespace(**{k: v for k, v in values.items() if "/" not in k})
+            assert row.status == "finished"
+            assert row.cell == f"depth={row.depth},init={row.init},activation={row.activation},seed={row.seed}"
+            assert np.isnan(values["grad_norm/w/layer_3"]) == (row.depth == 1)
+            assert row.acc_best == max(m.value for m in client.get_metric_history(row.run_id, "test/acc"))
+
+    cells = distnet.results("both", tracking_uri=uri)
+    check(cells, "records")
+    assert distnet.results(result.parent_run_id, tracking_uri=uri).equals(cells)
+    with moved_aside(parent, ["cells"]):
+        check(distnet.results("both"), "run")  # $MLFLOW_TRACKING_URI
+        with moved_aside(parent, ["cell_index.parquet"]):
+            listing = distnet.results("both")
+            check(listing, "listing")
+    assert listing.sort_values("run_id").drop(columns="source").reset_index(drop=True).equals(
+        cells.sort_values("run_id").drop(columns="source").reset_index(drop=True))
+
+    deep = distnet.steps("both", where={"model.depth": 2, "activation": "tanh"})
+    assert list(deep.columns) == ["depth", "init", "activation", "seed", "run_id", "step", "grad_norm/w/layer_1",
+                                  "grad_norm/w/layer_2", "grad_norm/w/layer_3", "train/batch_acc"]
+    assert len(deep) == 4 * 20 and set(deep["depth"]) == {2} and set(deep["activation"]) == {"tanh"}
+    for run_id, part in deep.groupby("run_id"):
+        table = steptable.read(client, run_id)
+        np.testing.assert_array_equal(part["step"], table["step"])
+        for column in deep.columns[6:]:
+            np.testing.assert_array_equal(part[column].to_numpy(np.float32), table[column])
+    one = distnet.steps(deep["run_id"].iloc[0], tracking_uri=uri)
+    assert list(one["step"]) == list(range(20)) and "train/batch_loss" in one
+
+    with pytest.raises(distnet.frames.ResultsError, match="no sweep named 'bothh' and no run with that id .*the sweeps there: both"):
+        distnet.results("bothh")
+    with pytest.raises(distnet.frames.ResultsError, match=f"run {deep['run_id'].iloc[0]} is not a sweep's parent run but a cell"):
+        distnet.results(deep["run_id"].iloc[0])
+    with pytest.raises(distnet.frames.ResultsError, match="'width' is not an axis of sweep both; its axes: depth, init"):
+        distnet.steps("both", where={"width": 16})
+
+
 def test_records_and_run_reads_give_the_same_report(both, tmp_path, monkeypatch):
     """A real sweep read from its cell records, and run by run: the same Runs and the same report;
     a job whose part is gone is read from its runs; past the group cap, the figures of the groups
@@ -349,83 +424,3 @@ def test_trainability_map_against_mean_field_theory(tracking_uri, tmp_path):
     for epoch in (1, 2):
         got, n, _ = m.agreement(epoch)
         assert f"| {epoch} | {n} | {got} | {got / n:.3f} |" in text
-
-
-@contextlib.contextmanager
-def moved_aside(parent_run, paths: list[str]):
-    """The parent run's artifacts `paths` out of its store for a while (as a sweep whose driver has not
-    written them yet): a test of how a reader does without them."""
-    root = Path(urllib.parse.urlparse(parent_run.info.artifact_uri).path)
-    kept = {root / p: root.parent / f"aside-{p}" for p in paths}
-    for a, b in kept.items():
-        a.rename(b)
-    try:
-        yield
-    finally:
-        for a, b in kept.items():
-            b.rename(a)
-
-
-def test_results_and_steps_hold_what_mlflow_lists(both, monkeypatch):
-    """distnet.results: one typed row per cell, each value equal to what mlflow.search_runs lists for
-    the column both have (and the best accuracy to the run's history), whether read from the cell
-    records, run by run, or from the listing; distnet.steps: the step tables of a slice, each value
-    the run's own step table's. Bad selectors are named."""
-    uri, result = both
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    listed = mlflow.search_runs(experiment_names=["both"], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
-    listed = listed.set_index("run_id")
-    client = MlflowClient(uri)
-    parent = client.get_run(result.parent_run_id)
-
-    def check(cells, source):
-        assert len(cells) == 16 and set(cells["run_id"]) == set(listed.index)
-        assert list(cells.columns[:4]) == ["depth", "init", "activation", "seed"]
-        assert cells["depth"].dtype == np.int64 and cells["seed"].dtype == np.int64
-        assert list(cells["init"].cat.categories) == ["xavier_normal", "nielsen"]
-        assert list(cells["activation"].cat.categories) == ["sigmoid", "tanh"]
-        assert (cells["source"] == source).all() and cells["diverged_at"].isna().all()
-        for values in cells.to_dict("records"):
-            row = SimpleNamespace(**{k: v for k, v in values.items() if "/" not in k})
-            run = listed.loc[row.run_id]
-            for axis, key in [("depth", "model.depth"), ("init", "model.init"), ("activation", "model.activation"),
-                              ("seed", "seed")]:
-                assert str(values[axis]) == run[f"tags.{key}"]
-            assert row.status == run["tags.distnet.status"] == "finished"
-            assert row.cell == f"depth={row.depth},init={row.init},activation={row.activation},seed={row.seed}"
-            for column, key in [("acc", "test/acc"), ("train_loss", "train/loss"), ("ratio_init", "grad_ratio/init"),
-                                ("ratio_end", "grad_ratio/end")] + \
-                               [(f"grad_norm/w/layer_{l}", f"grad_norm/w/layer_{l}") for l in (1, 2, 3)]:
-                assert values[column] == pytest.approx(run[f"metrics.{key}"], rel=1e-12, nan_ok=True), column
-            assert np.isnan(values["grad_norm/w/layer_3"]) == (row.depth == 1)
-            assert row.acc_best == max(m.value for m in client.get_metric_history(row.run_id, "test/acc"))
-
-    cells = distnet.results("both", tracking_uri=uri)
-    check(cells, "records")
-    assert distnet.results(result.parent_run_id, tracking_uri=uri).equals(cells)
-    with moved_aside(parent, ["cells"]):
-        check(distnet.results("both"), "run")  # $MLFLOW_TRACKING_URI
-        with moved_aside(parent, ["cell_index.parquet"]):
-            listing = distnet.results("both")
-            check(listing, "listing")
-    assert listing.sort_values("run_id").drop(columns="source").reset_index(drop=True).equals(
-        cells.sort_values("run_id").drop(columns="source").reset_index(drop=True))
-
-    deep = distnet.steps("both", where={"model.depth": 2, "activation": "tanh"})
-    assert list(deep.columns) == ["depth", "init", "activation", "seed", "run_id", "step", "grad_norm/w/layer_1",
-                                  "grad_norm/w/layer_2", "grad_norm/w/layer_3", "train/batch_acc"]
-    assert len(deep) == 4 * 20 and set(deep["depth"]) == {2} and set(deep["activation"]) == {"tanh"}
-    for run_id, part in deep.groupby("run_id"):
-        table = steptable.read(client, run_id)
-        np.testing.assert_array_equal(part["step"], table["step"])
-        for column in deep.columns[6:]:
-            np.testing.assert_array_equal(part[column].to_numpy(np.float32), table[column])
-    one = distnet.steps(deep["run_id"].iloc[0], tracking_uri=uri)
-    assert list(one["step"]) == list(range(20)) and "train/batch_loss" in one
-
-    with pytest.raises(distnet.frames.ResultsError, match="no sweep named 'bothh' and no run with that id .*the sweeps there: both"):
-        distnet.results("bothh")
-    with pytest.raises(distnet.frames.ResultsError, match=f"run {deep['run_id'].iloc[0]} is not a sweep's parent run but a cell"):
-        distnet.results(deep["run_id"].iloc[0])
-    with pytest.raises(distnet.frames.ResultsError, match="'width' is not an axis of sweep both; its axes: depth, init"):
-        distnet.steps("both", where={"width": 16})
