@@ -6,7 +6,7 @@ The sweep is bench_grid's big grid of tiny cells (depths 1-10 x 9 inits x 9 acti
 5 steps a cell, packs of 64), trained here into a fresh store: a sqlite file, and/or
 cluster/mlflow_server.sh's server on PostgreSQL (its login in the environment, as on a cluster).
 Each read runs in a process of its own, the two readers alternately, --repeat times: the wall time
-of the call alone (imports aside), and the process's peak memory above what its imports took.
+of the call alone (imports aside), and the process's peak RSS during it above its RSS before it.
 Then the two frames are compared value for value on every column both have (tests/listing.py).
 Prints one markdown table (docs/benchmarks.md).
 """
@@ -30,22 +30,25 @@ from bench_grid import Server, big_sweep, timed
 from listing import assert_same_as_listed
 
 # One read in a fresh process: argv = reader, sweep name, parent run id, experiment id, where to
-# leave the frame. Prints {"s": seconds of the call, "mb": peak RSS above the imports', "rows", "columns"}.
+# leave the frame. Prints {"s": seconds of the call, "mb": peak RSS during it above the RSS before it}.
 READ = """
-import json, resource, sys, time
+import json, sys, time
 import mlflow, pandas
 import distnet.frames
 reader, name, parent, exp, out = sys.argv[1:]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def kb(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+open("/proc/self/clear_refs", "w").write("5")  # the peak RSS (VmHWM) reset: what the read adds
+base = kb("VmRSS")
 start = time.perf_counter()
 if reader == "distnet.results":
     frame = distnet.frames.results(name)
 else:
     frame = mlflow.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
 seconds = time.perf_counter() - start
-mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+mb = (kb("VmHWM") - base) / 1024
 frame.to_pickle(out)
-print(json.dumps({"s": seconds, "mb": mb, "rows": len(frame), "columns": frame.shape[1]}))
+print(json.dumps({"s": seconds, "mb": mb}))
 """
 READERS = ("distnet.results", "mlflow.search_runs")
 
@@ -78,7 +81,7 @@ def store_rows(store: str, uri: str, work: Path, cells: int, repeat: int) -> lis
     return [
         (f"{store}: {n} cells as a DataFrame, wall time (median of {repeat})", f"{med[READERS[0]]['s']:.2f}",
          f"{med[READERS[1]]['s']:.2f}", "s", f"{ratio:.0f}x"),
-        (f"{store}: peak memory of the read, above the imports", f"{med[READERS[0]]['mb']:.0f}",
+        (f"{store}: peak memory of the read (process RSS above what it was before)", f"{med[READERS[0]]['mb']:.0f}",
          f"{med[READERS[1]]['mb']:.0f}", "MB", ""),
         (f"{store}: rows x columns", f"{len(ours)} x {ours.shape[1]}", f"{len(theirs)} x {theirs.shape[1]}", "", ""),
         (f"{store}: values equal in the columns both have", f"{compared} of {compared}", "", "values", ""),

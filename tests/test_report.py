@@ -116,18 +116,24 @@ def test_unknown_selector_is_refused(tracking_uri):
         report.find_runs(tracking_uri, ["no-such-sweep"])
 
 
+# The module's sweep is a miniature of configs/depth_init_grid.yaml, and named so: README's "Analyse
+# in Python" example runs against it as written.
+SWEEP = "depth_init_grid"
+
+
 @pytest.fixture(scope="module")
 def both(ray_cluster, tmp_path_factory) -> tuple[str, launch.SweepResult]:
     """A real sweep, trained once for the module's report tests: 16 cells (2 depths x 2 inits x 2
-    activations x 2 seeds), 2 epochs of 10 steps each, 4 jobs of 4 cells. (Its store and result.)"""
+    activations x 2 seeds), 2 epochs of 10 steps each, 4 jobs of 4 cells, into `mlruns.db` in a folder
+    of its own (the default store there). (Its store and result.)"""
     where = tmp_path_factory.mktemp("both")
     uri = f"sqlite:///{where / 'mlruns.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(where)
         result = launch.run_sweep(sweep.build_sweep({
-            "name": "both", "model": {"width": 16}, "train": {"epochs": 2, "log_every": 5},
+            "name": SWEEP, "model": {"width": 16}, "train": {"epochs": 2, "log_every": 5},
             "data": {"train_limit": 1280, "eval_limit": 300}, "ray": {"num_workers": 1},
-            "mlflow": {"experiment": "both"}, "sweep": {"pack": 8, "max_concurrent": 1},  # one lane: tests/test_ui.py
+            "mlflow": {"experiment": SWEEP}, "sweep": {"pack": 8, "max_concurrent": 1},  # one lane: tests/test_ui.py
             "grid": {"model.depth": [1, 2], "model.init": ["xavier_normal", "nielsen"],
                      "model.activation": ["sigmoid", "tanh"], "seed": [0, 1]}}), uri, say=lambda *_: None)
     assert result.trained == 16 and not result.failed
@@ -139,7 +145,7 @@ def test_report_on_a_finished_sweep(both, tmp_path, capsys):
     curves equal to the step tables' seed means, the tables' rows, the report logged to the sweep."""
     tracking_uri, result = both
     out = tmp_path / "report"
-    code = cli.main(["report", "--tracking-uri", tracking_uri, "--out", str(out), "both"])
+    code = cli.main(["report", "--tracking-uri", tracking_uri, "--out", str(out), SWEEP])
     printed = capsys.readouterr().out
     assert code == 0, printed[-3000:]
     assert f"open the UI: distnet ui {result.parent_run_id} --tracking-uri {tracking_uri}" in printed
@@ -151,7 +157,7 @@ def test_report_on_a_finished_sweep(both, tmp_path, capsys):
         h, w, _ = matplotlib.image.imread(png).shape
         assert h > 200 and w > 200
 
-    manifest, _ = report.report(tracking_uri, ["both"], tmp_path / "again")
+    manifest, _ = report.report(tracking_uri, [SWEEP], tmp_path / "again")
     for act in ("sigmoid", "tanh"):
         for init in ("xavier_normal", "nielsen"):
             for kind in ("speed", "saturation", "activation"):  # a panel per depth, a line per hidden layer
@@ -161,7 +167,7 @@ def test_report_on_a_finished_sweep(both, tmp_path, capsys):
     # a panel per activation x init, a line per depth
     assert manifest["init_profile.png"] == {"panels": 4, "lines": [2, 2, 2, 2], "cells": [0, 0, 0, 0]}
     # The per-step curves are the step tables' values, averaged over the seeds.
-    runs = report.read_runs(tracking_uri, report.find_runs(tracking_uri, ["both"])[0])
+    runs = report.read_runs(tracking_uri, report.find_runs(tracking_uri, [SWEEP])[0])
     curve = report.step_curves(runs)[("sigmoid", "xavier_normal")][2][3]  # depth 2, output layer
     cell = [r for r in runs if (r.activation, r.init, r.depth) == ("sigmoid", "xavier_normal", 2)]
     tables = [steptable.read(MlflowClient(tracking_uri), r.run_id) for r in cell]
@@ -239,7 +245,7 @@ def test_results_and_steps_hold_what_mlflow_lists(both, monkeypatch):
     the run's own step table's. Bad selectors are named."""
     uri, result = both
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    listed = mlflow.search_runs(experiment_names=["both"], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    listed = mlflow.search_runs(experiment_names=[SWEEP], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
     client = MlflowClient(uri)
     parent = client.get_run(result.parent_run_id)
 
@@ -260,18 +266,18 @@ def test_results_and_steps_hold_what_mlflow_lists(both, monkeypatch):
             assert np.isnan(values["grad_norm/w/layer_3"]) == (row.depth == 1)
             assert row.acc_best == max(m.value for m in client.get_metric_history(row.run_id, "test/acc"))
 
-    cells = distnet.results("both", tracking_uri=uri)
+    cells = distnet.results(SWEEP, tracking_uri=uri)
     check(cells, "records")
     assert distnet.results(result.parent_run_id, tracking_uri=uri).equals(cells)
     with moved_aside(parent, ["cells"]):
-        check(distnet.results("both"), "run")  # $MLFLOW_TRACKING_URI
+        check(distnet.results(SWEEP), "run")  # $MLFLOW_TRACKING_URI
         with moved_aside(parent, ["cell_index.parquet"]):
-            listing = distnet.results("both")
+            listing = distnet.results(SWEEP)
             check(listing, "listing")
     assert listing.sort_values("run_id").drop(columns="source").reset_index(drop=True).equals(
         cells.sort_values("run_id").drop(columns="source").reset_index(drop=True))
 
-    deep = distnet.steps("both", where={"model.depth": 2, "activation": "tanh"})
+    deep = distnet.steps(SWEEP, where={"model.depth": 2, "activation": "tanh"})
     assert list(deep.columns) == ["depth", "init", "activation", "seed", "run_id", "step", "grad_norm/w/layer_1",
                                   "grad_norm/w/layer_2", "grad_norm/w/layer_3", "train/batch_acc"]
     assert len(deep) == 4 * 20 and set(deep["depth"]) == {2} and set(deep["activation"]) == {"tanh"}
@@ -283,12 +289,30 @@ def test_results_and_steps_hold_what_mlflow_lists(both, monkeypatch):
     one = distnet.steps(deep["run_id"].iloc[0], tracking_uri=uri)
     assert list(one["step"]) == list(range(20)) and "train/batch_loss" in one
 
-    with pytest.raises(distnet.frames.ResultsError, match="no sweep named 'bothh' and no run with that id .*the sweeps there: both"):
-        distnet.results("bothh")
+    with pytest.raises(distnet.frames.ResultsError, match=f"no sweep named .{SWEEP}x. and no run with that id .*the sweeps there: {SWEEP}"):
+        distnet.results(f"{SWEEP}x")
     with pytest.raises(distnet.frames.ResultsError, match=f"run {deep['run_id'].iloc[0]} is not a sweep's parent run but a cell"):
         distnet.results(deep["run_id"].iloc[0])
-    with pytest.raises(distnet.frames.ResultsError, match="'width' is not an axis of sweep both; its axes: depth, init"):
-        distnet.steps("both", where={"width": 16})
+    with pytest.raises(distnet.frames.ResultsError, match=f"'width' is not an axis of sweep {SWEEP}; its axes: depth, init"):
+        distnet.steps(SWEEP, where={"width": 16})
+
+
+def test_the_readmes_analysis_example_runs_as_written(both, monkeypatch, capsys):
+    """README's "Analyse in Python" block, run as written in the sweep's folder (the default store):
+    what it prints and the frames it leaves are the sweep's."""
+    uri, result = both
+    monkeypatch.chdir(Path(uri.removeprefix("sqlite:///")).parent)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    block = (ROOT / "README.md").read_text().split("### Analyse in Python")[1].split("```python\n")[1].split("```")[0]
+    names: dict = {}
+    exec(compile(block, "README.md", "exec"), names)
+    printed = capsys.readouterr().out
+    acc = names["cells"].groupby(["depth", "init"], observed=True)["acc"].mean()
+    assert acc.to_dict() == pytest.approx({(d, i): np.mean([r.acc for r in result.rows if r.cell.startswith(
+        f"depth={d},init={i},")]) for d in (1, 2) for i in ("xavier_normal", "nielsen")}, rel=1e-12)
+    assert printed.count("xavier_normal") == 2 and printed.count("nielsen") == 2  # a column of each table
+    assert set(names["steps"]["depth"]) == {2} and len(names["steps"]) == 8 * 20
+    assert list(names["one"]["step"]) == list(range(20))
 
 
 def test_records_and_run_reads_give_the_same_report(both, tmp_path, monkeypatch):
@@ -296,7 +320,7 @@ def test_records_and_run_reads_give_the_same_report(both, tmp_path, monkeypatch)
     a job whose part is gone is read from its runs; past the group cap, the figures of the groups
     drawn and a word on the others. (Last in the module: it deletes one of the sweep's parts.)"""
     tracking_uri, _ = both
-    listed, parent, _ = report.find_runs(tracking_uri, ["both"])
+    listed, parent, _ = report.find_runs(tracking_uri, [SWEEP])
     per_run = report.read_runs(tracking_uri, listed)
     assert all(sorted(r.acc_series) == [0, 1, 2] and len(r.steps["step"]) == 20 for r in per_run)
 
@@ -306,8 +330,8 @@ def test_records_and_run_reads_give_the_same_report(both, tmp_path, monkeypatch)
                         get_history(self, run_id, key))
     assert_same_runs(report.read_runs(tracking_uri, listed, parent), per_run)
     assert reads == []  # every cell came from the records
-    assert report.write_report(report.read_runs(tracking_uri, listed, parent), tmp_path / "records", "both") == \
-        report.write_report(per_run, tmp_path / "runs", "both")
+    assert report.write_report(report.read_runs(tracking_uri, listed, parent), tmp_path / "records", SWEEP) == \
+        report.write_report(per_run, tmp_path / "runs", SWEEP)
     assert (tmp_path / "records" / "report.md").read_text() == (tmp_path / "runs" / "report.md").read_text()
 
     # A job's part gone (as after a restart, which writes none): its cells (one depth and activation,
@@ -322,7 +346,7 @@ def test_records_and_run_reads_give_the_same_report(both, tmp_path, monkeypatch)
 
     # The group cap: 2 of the 4 (activation, init) groups drawn, said so; heatmaps and tables whole.
     monkeypatch.setattr("distnet.report.write.GROUP_FIGURES", 2)  # where `distnet report` reads it
-    manifest, _ = report.report(tracking_uri, ["both"], tmp_path / "capped")
+    manifest, _ = report.report(tracking_uri, [SWEEP], tmp_path / "capped")
     drawn = report.drawn_groups(per_run, 2)
     assert drawn == [("sigmoid", "nielsen"), ("tanh", "xavier_normal")]  # the first and the last
     assert {n for n in manifest if n.startswith(("speed_", "saturation_", "activation_", "grad_norm_"))} == \
@@ -332,10 +356,10 @@ def test_records_and_run_reads_give_the_same_report(both, tmp_path, monkeypatch)
     assert "for 2 of the 4 (activation, init) groups" in text and "sigmoid nielsen, tanh xavier_normal." in text
     assert "--all-figures" in text and "16 runs in 8 cells" in text
     assert text.count("| sigmoid |") == text.count("| tanh |") == 8  # every cell in both tables
-    everything, _ = report.report(tracking_uri, ["both"], tmp_path / "all", all_figures=True)
+    everything, _ = report.report(tracking_uri, [SWEEP], tmp_path / "all", all_figures=True)
     assert len([n for n in everything if n.startswith("speed_")]) == 4
     assert "--all-figures" not in (tmp_path / "all" / "report.md").read_text()
-    assert cli.parser().parse_args(["report", "both", "--all-figures"]).all_figures
+    assert cli.parser().parse_args(["report", SWEEP, "--all-figures"]).all_figures
 
 
 def fill_meanfield(uri: str) -> dict:
