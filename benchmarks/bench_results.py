@@ -6,7 +6,9 @@ The sweep is bench_grid's big grid of tiny cells (depths 1-10 x 9 inits x 9 acti
 5 steps a cell, packs of 64), trained here into a fresh store: a sqlite file, and/or
 cluster/mlflow_server.sh's server on PostgreSQL (its login in the environment, as on a cluster).
 Each read runs in a process of its own, the two readers alternately, --repeat times: the wall time
-of the call alone (imports aside), and the process's peak RSS during it above its RSS before it.
+of the call alone (imports aside, and MLflow's store set up first: a store's first use imports and
+configures MLflow's SQLAlchemy models, 1.1 s here, in either reader), and the process's peak RSS
+during it above its RSS before it.
 Then the two frames are compared value for value on every column both have (tests/listing.py).
 Prints one markdown table (docs/benchmarks.md).
 """
@@ -38,6 +40,7 @@ import distnet.frames
 reader, name, parent, exp, out = sys.argv[1:]
 def kb(field):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+mlflow.MlflowClient().search_experiments(max_results=1)  # MLflow's store up (its lazy imports: 1.1 s here)
 open("/proc/self/clear_refs", "w").write("5")  # the peak RSS (VmHWM) reset: what the read adds
 base = kb("VmRSS")
 start = time.perf_counter()

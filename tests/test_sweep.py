@@ -8,15 +8,18 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow
 import numpy as np
 import pytest
 import yaml
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
+import distnet
 from distnet import cli, config, launch, metrics, schema, steptable, sweep
 from distnet.config import ConfigError, flatten
 from distnet.outcome import CellOutcome
+from listing import assert_same_as_listed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,6 +251,14 @@ grid: {train.lr: [0.1, 1.0e+4], fault.raise_at_step: [2, null, 50]}  # only the 
     statuses = {row["cell"]: row["status"] for row in csv.DictReader(summary.open())}
     assert statuses == {label: ("failed" if "=2" in label.split(",")[1] else "finished" if "lr=0.1" in label else
                                 f"diverged@{by_cell[label].data.tags['distnet.diverged_step']}") for label in cells}
+    # The sweep as a DataFrame: finished, diverged and failed cells (these without records: read run
+    # by run), every value as mlflow.search_runs lists it.
+    frame = distnet.results("bad", tracking_uri=uri)
+    assert list(frame["status"]) == [statuses[c].split("@")[0] for c in frame["cell"]]
+    assert list(frame["source"]) == ["run" if "=2" in c.split(",")[1] else "records" for c in frame["cell"]]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    listed = mlflow.search_runs([exp], f"tags.`mlflow.parentRunId` = '{later[0].data.tags['mlflow.parentRunId']}'")
+    assert assert_same_as_listed(frame, listed) == 6 * 11  # 2 axes, status, diverged_at, acc, loss, 2 ratios, 3 layers
 
     again = launch.run_sweep(sweep.load_sweep(spec), uri, address=ray_cluster, say=lambda *_: None)
     assert again.trained == 2  # only the failed cells are re-run ...
