@@ -153,12 +153,13 @@ def _listed_index(uri: str, parent) -> pa.Table:
 
 def _frame(index: pa.Table) -> pd.DataFrame:
     """The index as a DataFrame: string axes and status as categories (in the index's order),
-    diverged_at as a nullable int."""
+    diverged_at and an int axis with a None among its values (fault.raise_at_step) as nullable ints."""
     frame = index.to_pandas()
     for c in index.column_names:
-        if c == "diverged_at":
+        kind = index.schema.field(c).type
+        if c == "diverged_at" or (pa.types.is_integer(kind) and index.column(c).null_count):
             frame[c] = frame[c].astype("Int64")
-        elif pa.types.is_string(index.schema.field(c).type) and c not in ("run_id", "cell", "error"):
+        elif pa.types.is_string(kind) and c not in ("run_id", "cell", "error"):
             frame[c] = pd.Categorical(frame[c], list(dict.fromkeys(frame[c])))
     return frame
 

@@ -25,8 +25,10 @@ def assert_same_as_listed(cells: pd.DataFrame, listed: pd.DataFrame) -> int:
         for run_id, ours in zip(cells["run_id"], cells[column]):
             other = listed.at[run_id, theirs] if theirs in listed else None
             if theirs.startswith("tags."):
-                missing = column == "diverged_at" and pd.isna(ours)
-                ours = None if missing else str(ours)
+                if column == "diverged_at":  # a tag only where the cell diverged
+                    ours = None if pd.isna(ours) else str(ours)
+                else:  # an axis: a None in the grid (as NA in an int column) is the tag "None"
+                    ours = "None" if ours is None or ours is pd.NA else str(ours)
                 assert ours == (other if isinstance(other, str) else None), (run_id, column, ours, other)
             else:
                 other = math.nan if other is None or pd.isna(other) else tracking.unstored(float(other))

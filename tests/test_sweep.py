@@ -254,6 +254,7 @@ grid: {train.lr: [0.1, 1.0e+4], fault.raise_at_step: [2, null, 50]}  # only the 
     # The sweep as a DataFrame: finished, diverged and failed cells (these without records: read run
     # by run), every value as mlflow.search_runs lists it.
     frame = distnet.results("bad", tracking_uri=uri)
+    assert frame["lr"].dtype == np.float64 and str(frame["raise_at_step"].dtype) == "Int64"  # None: <NA>
     assert list(frame["status"]) == [statuses[c].split("@")[0] for c in frame["cell"]]
     assert list(frame["source"]) == ["run" if "=2" in c.split(",")[1] else "records" for c in frame["cell"]]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
