@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 from mlflow.tracking import MlflowClient
 
-from distnet import cellindex, cellrecords, schema, steptable, tracking, tracking_server
+from distnet import cellindex, cellrecords, schema, steptable, sweep, tracking, tracking_server
 from distnet.outcome import CellOutcome
 
 RECORDS, RUN, LISTING = "records", "run", "listing"  # the `source` column: where a row was read from
@@ -47,12 +47,12 @@ def results(sweep: str, tracking_uri: str | None = None) -> pd.DataFrame:
     values = pd.DataFrame([_series_row(records[i]) if i in records else _run_row(uri, i) for i in ids])
     layers = sorted((c for c in values if c.startswith(schema.GRAD_NORM_W)), key=lambda c: int(c.rsplit("_", 1)[1]))
     frame = _frame(index)
-    axes = list(cellindex.axes(index))
+    axes = cellindex.axes(index)
     cells = pd.concat([frame[[*axes, "status", "diverged_at", "acc"]], values[["acc_best", "train_loss"]],
                        frame[["ratio_init", "ratio_end"]], values[layers], frame[["run_id", "cell"]]], axis=1).assign(
         source=pd.Categorical([RECORDS if i in records else source for i in ids], [RECORDS, RUN, LISTING]))
     acc_key = next((k for r in records.values() for k in schema.ACC_KEYS if k in r), schema.acc("test"))
-    cells.attrs = {"axes": cellindex.axes(index), "acc": acc_key}
+    cells.attrs = {"axes": axes, "acc": acc_key}
     return cells
 
 
@@ -146,8 +146,7 @@ def _listed_index(uri: str, parent) -> pa.Table:
     for r in runs:
         axes.append({axis: typed[axis][tag(r, axis)] for axis in grid})
         ratios = tuple(tracking.unstored(r.data.metrics.get(k, math.nan)) for k in (schema.RATIO_INIT, schema.RATIO_END))
-        rows.append(CellOutcome.listed(r, ratios, eval_key(r)).of_cell(
-            ",".join(f"{k.split('.')[-1]}={v}" for k, v in axes[-1].items())))
+        rows.append(CellOutcome.listed(r, ratios, eval_key(r)).of_cell(sweep.label(axes[-1])))
     return cellindex.table(axes, rows)
 
 

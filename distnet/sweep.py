@@ -58,7 +58,12 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return ",".join(f"{k.split('.')[-1]}={v}" for k, v in self.axes.items())
+        return label(self.axes)
+
+
+def label(axes: dict[str, Any]) -> str:
+    """A cell's name from its grid values: `depth=2,init=he_normal`."""
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in axes.items())
 
 
 @dataclass(frozen=True)
