@@ -90,11 +90,13 @@ gpu-check:
 # The offline bundle for GPU hosts with no network (distnet/offline.py): every wheel distnet needs
 # beyond the host's own torch and numpy, in parts of at most 60 MiB, with a manifest and SHA-256 sums.
 # Defaults: every CPython PyTorch 2.13 supports, manylinux_2_28 x86_64; e.g. PYTHONS="3.10 3.12"
-# PLATFORM=manylinux_2_17_x86_64 EXTRAS=report INCLUDE=torch,numpy (INCLUDE: carry those too).
+# PLATFORM=manylinux_2_17_x86_64 EXTRAS=report INCLUDE=torch,numpy (INCLUDE: carry those too)
+# PART_MIB=40 (parts of at most 40 MiB).
 WHEELS ?= wheelhouse
 wheelhouse: install
 	$(BIN)/python -m distnet.offline bundle $(WHEELS) $(if $(PYTHONS),--python $(PYTHONS)) \
-	  $(if $(PLATFORM),--platform $(PLATFORM)) $(if $(EXTRAS),--extras $(EXTRAS)) $(if $(INCLUDE),--include $(INCLUDE))
+	  $(if $(PLATFORM),--platform $(PLATFORM)) $(if $(EXTRAS),--extras $(EXTRAS)) $(if $(INCLUDE),--include $(INCLUDE)) \
+	  $(if $(PART_MIB),--part-mib $(PART_MIB))
 
 # On the host, with the Python that has its torch: the bundle verified part by part, reassembled and
 # installed into .venv (over that Python's packages) with no index; then `distnet list`.

@@ -116,7 +116,16 @@ def main() -> int:
     os.chdir(workdir)  # its checkpoints and store, nowhere else
     uri = f"sqlite:///{Path.cwd() / 'mlruns.db'}"
     ray.init(log_to_driver=False)
+    device = (f"{gpus} x {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}" if gpu else "CPU only (--cpu)")
+    print(f"\nRay GPU path: {device}; torch {torch.__version__}, ray {ray.__version__}; "
+          f"tolerances: parameters {THETA_ATOL:g}, step tables {STEP_RTOL:g} relative, accuracy {ACC_PP:g} pp\n")
+    print("| check | result | pass |\n| --- | --- | --- |", flush=True)
     rows, timed = [], {}
+
+    def report(row: Row) -> None:
+        # printed as it is made: a run stopped at a device's time limit still shows the rows done
+        print(f"| {row.check} | {row.result} | {'yes' if row.ok else 'NO'} |", flush=True)
+        rows.append(row)
 
     def arm(name: str, *extra: str) -> launch.TrainingResult:
         start = time.perf_counter()
@@ -127,27 +136,21 @@ def main() -> int:
     cpu1 = arm("cpu1", "ray.num_workers=1", "ray.use_gpu=false")
     if gpu:
         gpu1 = arm("gpu1", "ray.num_workers=1", "ray.use_gpu=true")
-        rows.append(compare("1 GPU worker (NCCL, world of one) vs 1 CPU worker", gpu1, cpu1, uri,
+        report(compare("1 GPU worker (NCCL, world of one) vs 1 CPU worker", gpu1, cpu1, uri,
                             (timed["gpu1"], timed["cpu1"])))
         shared = arm("shared", "ray.num_workers=2", "ray.use_gpu=true", "ray.gpus_per_worker=0.5", "ray.backend=gloo")
-        rows.append(compare("2 workers sharing 1 GPU (gloo on CUDA tensors) vs 1 GPU worker", shared, gpu1, uri,
+        report(compare("2 workers sharing 1 GPU (gloo on CUDA tensors) vs 1 GPU worker", shared, gpu1, uri,
                             (timed["shared"], timed["gpu1"])))
         if gpus > 1:
             nccl = arm("nccl", f"ray.num_workers={gpus}", "ray.use_gpu=true")
-            rows.append(compare(f"NCCL across {gpus} GPUs vs 1 GPU worker", nccl, gpu1, uri,
+            report(compare(f"NCCL across {gpus} GPUs vs 1 GPU worker", nccl, gpu1, uri,
                                 (timed["nccl"], timed["gpu1"])))
     else:
         cpu2 = arm("cpu2", "ray.num_workers=2", "ray.use_gpu=false")
-        rows.append(compare("2 CPU workers vs 1 CPU worker (standing in for the GPU rows)", cpu2, cpu1, uri,
+        report(compare("2 CPU workers vs 1 CPU worker (standing in for the GPU rows)", cpu2, cpu1, uri,
                             (timed["cpu2"], timed["cpu1"])))
-    rows.append(sweep_row(args, uri, gpu))
+    report(sweep_row(args, uri, gpu))
     ray.shutdown()
-    device = (f"{gpus} x {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}" if gpu else "CPU only (--cpu)")
-    print(f"\nRay GPU path: {device}; torch {torch.__version__}, ray {ray.__version__}; "
-          f"tolerances: parameters {THETA_ATOL:g}, step tables {STEP_RTOL:g} relative, accuracy {ACC_PP:g} pp\n")
-    print("| check | result | pass |\n| --- | --- | --- |")
-    for r in rows:
-        print(f"| {r.check} | {r.result} | {'yes' if r.ok else 'NO'} |")
     return 0 if all(r.ok for r in rows) else 1
 
 

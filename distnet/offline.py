@@ -385,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--extras", default="", help="distnet extras to carry too, comma-separated (report: the figures; ui: MLflow's UI)")
     b.add_argument("--include", default="", help="carry these too instead of taking the host's: torch,numpy")
     b.add_argument("--find-links", action="append", default=[], help="take wheels from this folder only, no index (repeatable)")
+    b.add_argument("--part-mib", type=int, default=PART_BYTES // 2**20,
+                   help="largest part in MiB (default %(default)s): what one transfer to the host may carry, "
+                        "less anything that travels with it")
     v = sub.add_parser("verify", help="check every part against the manifest")
     v.add_argument("dir", type=Path)
     i = sub.add_parser("install", help="verify, reassemble and install into a venv over this Python's torch")
@@ -395,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bundle":
             bundle(args.dir, args.python, args.platform, split_names(args.extras), split_names(args.include),
-                   find_links=args.find_links)
+                   part_bytes=args.part_mib * 2**20, find_links=args.find_links)
         elif args.command == "verify":
             m = verify(args.dir)
             print(f"bundle {args.dir}: {len(m.wheels)} wheels, every part as its manifest says")

@@ -116,9 +116,14 @@ def test_a_host_without_torch_is_told_what_to_install(bundle, tmp_path):
 
 def test_a_python_without_a_wheel_is_named_with_the_package(bundle, whole, tmp_path):
     """Bundling again from the bundle's own wheels, no index: for this Python the same wheels (the
-    pins hold); for CPython 3.12 Ray's cp311 wheel does not fit, and the error says so."""
+    pins hold), in the smaller parts asked for; for CPython 3.12 Ray's cp311 wheel does not fit, and
+    the error says so."""
     links = [str(whole), str(HOST_WHEELS)]  # the bundle's, and the host's numpy they resolve against
-    again = offline.bundle(tmp_path / "again", bundle.pythons, find_links=links, say=lambda *_: None)
+    assert offline.main(["bundle", str(tmp_path / "again"), "--python", *bundle.pythons, "--part-mib", "20",
+                         *[a for d in links for a in ("--find-links", d)]]) == 0
+    again = offline.verify(tmp_path / "again")
+    ray = next(w for w in again.wheels if offline.project(w.file) == "ray")
+    assert len(ray.parts) == math.ceil(ray.size / (20 * 2**20)) == 4 and max(p.size for p in ray.parts) == 20 * 2**20
     assert {w.file: w.sha256 for w in again.wheels if w.file != again.distnet} == \
         {w.file: w.sha256 for w in bundle.wheels if w.file != bundle.distnet}
     assert again.requirements == bundle.requirements and again.untested == {}
