@@ -101,7 +101,8 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL:-60}
 EOF
   )
-  app=(--app-name basic-auth)
+  # MLflow's basic-auth app, with a full artifact store answered as such (distnet/server_app.py)
+  app=(--app-name distnet-basic-auth)
   export MLFLOW_AUTH_CONFIG_PATH="$state/basic_auth.ini"
   MLFLOW_AUTH_ADMIN_PASSWORD=$(sed -n 's/^MLFLOW_TRACKING_PASSWORD=//p' "$state/credentials")
   export MLFLOW_AUTH_ADMIN_PASSWORD
@@ -148,6 +149,7 @@ case ${MLFLOW_SGI:-gunicorn} in
   uvicorn) sgi=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS") ;;
   *) echo "mlflow_server.sh: MLFLOW_SGI is gunicorn or uvicorn, not $MLFLOW_SGI" >&2; exit 2 ;;
 esac
+DISTNET_ARTIFACTS=${ARTIFACTS:-$state/artifacts} \
 MLFLOW_SERVER_ALLOWED_HOSTS=$MLFLOW_ALLOWED_HOSTS \
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
 setsid "${MLFLOW:-mlflow}" server "${app[@]}" "${sgi[@]}" \

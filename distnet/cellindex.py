@@ -53,11 +53,11 @@ def axes(index: pa.Table) -> dict[str, str]:
     return {column: key for key, column in axis_columns(keys).items()}
 
 
-def write(client: MlflowClient, parent_run_id: str, index: pa.Table) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / ARTIFACT
-        pq.write_table(index, path, compression="zstd")
-        client.log_artifact(parent_run_id, str(path))
+def write_file(folder: Path, index: pa.Table) -> Path:
+    """The index as its artifact's file in `folder` (the caller uploads it to the parent run)."""
+    path = folder / ARTIFACT
+    pq.write_table(index, path, compression="zstd")
+    return path
 
 
 def read(client: MlflowClient, parent_run_id: str) -> pa.Table | None:

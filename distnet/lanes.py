@@ -12,7 +12,9 @@ takes on a small machine, on the critical path of every training's start-up.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
+from typing import Callable
 
 import ray
 
@@ -56,6 +58,7 @@ class JobQueue:
         self.in_flight: dict[int, tuple[int, ray.ObjectRef, list[str]]] = {}  # lane -> (seq, job, run ids)
         self.outcomes: list[dict] = []  # per job: its cells, and its error or how many diverged
         self.rows: list[CellOutcome] = []  # every cell trained or failed
+        self.waits: dict[int, str] = {}  # lane -> what its rank 0 waits for (space.Full), for the driver
 
     async def put(self, entry: tuple[ray.ObjectRef, list[str]]) -> None:
         async with self.changed:
@@ -105,6 +108,16 @@ class JobQueue:
         self.rows += [CellOutcome.failed(run_id, error) for run_id in run_ids]
         return ref, run_ids
 
+    def wait(self, lane: int, what: str | None) -> None:
+        """The lane's rank 0 waits for `what` (None: no longer)."""
+        if what is None:
+            self.waits.pop(lane, None)
+        else:
+            self.waits[lane] = what
+
+    def waiting_for(self) -> dict[int, str]:
+        return self.waits
+
     def status(self) -> dict:
         """Counts of cells: done, diverged, failed, running; and whether more jobs may come."""
         failed = sum(o["cells"] for o in self.outcomes if "error" in o)
@@ -116,3 +129,36 @@ class JobQueue:
     def results(self) -> list[CellOutcome]:
         """The outcome of every cell trained (MlflowSink.close's) or failed."""
         return self.rows
+
+
+class LaneWaits:
+    """The driver's watch on what the lanes' rank 0s wait for (JobQueue.wait: a full disk), while
+    they train: says when one starts waiting and when it went on. Without it a sweep whose records
+    cannot be written would just stop making progress, unexplained."""
+
+    def __init__(self, queue: ray.actor.ActorHandle, say: Callable[[str], None], every: float = 1.0):
+        self.queue, self.say, self.every = queue, say, every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        shown: dict[int, str] = {}
+        while not self.stop.wait(self.every):
+            try:
+                now = ray.get(self.queue.waiting_for.remote())
+            except Exception:  # a dying cluster must not kill the driver's bookkeeping
+                return
+            for lane, what in now.items():
+                if shown.get(lane) != what:
+                    self.say(f"lane {lane}: {what}")
+            for lane in shown.keys() - now.keys():
+                self.say(f"lane {lane}: room again; its records went in and it trains on")
+            shown = now
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()

@@ -32,9 +32,9 @@ from mlflow.entities import RunTag
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from distnet import cellindex, checkpoint, data, download, network, schema, sweep, tracking, tracking_server, worker
+from distnet import cellindex, checkpoint, data, download, network, schema, space, sweep, tracking, tracking_server, worker
 from distnet.config import Config, config_hash
-from distnet.lanes import JobQueue, ProgressBoard
+from distnet.lanes import JobQueue, LaneWaits, ProgressBoard
 from distnet.outcome import CellOutcome
 from distnet.progress import ProgressPrinter
 
@@ -91,7 +91,7 @@ def _train_loop(loop_config: dict) -> None:
     while (taken := ray.get(queue.take.remote(lane, seq, rank)))[0] is not None:
         ref, again = taken
         job = ray.get(ref)
-        sink = _open_sink(uri, job, lane, ctx.get_experiment_name(), board, resume, again) if rank == 0 else None
+        sink = _open_sink(uri, job, lane, ctx.get_experiment_name(), board, queue, resume, again) if rank == 0 else None
         if done:  # trained before the restart; its last records are in the checkpoint
             state = resume.loop
         else:
@@ -106,7 +106,7 @@ def _train_loop(loop_config: dict) -> None:
         seq, resume, done = seq + 1, None, False
 
 
-def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: checkpoint.Saved | None,
+def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, queue, resume: checkpoint.Saved | None,
                again: bool) -> tracking.MlflowSink:
     """Rank 0's sink for a job's runs. Where the training ran goes with its first records; a job
     picked up again (`again`: after a worker died; `job.resumed`: after a driver died) first writes
@@ -114,7 +114,8 @@ def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, resume: check
     registered the group's last checkpoint, or any checkpoint of the job (it then starts at step 0)."""
     sink = tracking.MlflowSink(uri, job.cfg, job.runs, on_progress=board and (lambda s: board.update.remote(s)),
                                tags={schema.RAY_NODE: ray.get_runtime_context().get_node_id(),
-                                     schema.LANE: str(lane), schema.TRAINER: trainer}, parent=job.parent)
+                                     schema.LANE: str(lane), schema.TRAINER: trainer}, parent=job.parent,
+                               on_full=lambda full: queue.wait.remote(lane, None if full is None else f"{full}; {space.WAITS}"))
     if resume is not None or again or job.resumed:
         step = resume.loop.step if resume is not None else 0
         sink.tags.append(RunTag(schema.RESUMED_FROM_STEP, str(step)))
@@ -225,7 +226,7 @@ def run_training(cfg: Config, tracking_uri: str, data_dir: str | None = None, ad
         entries = [(ray.put(Job(cfg, runs, ray.put(arrays), resumed)), run_ids)]  # held while it trains
         queue = JobQueue.options(**on_drivers_node()).remote(entries)
         board = ProgressBoard.options(**on_drivers_node()).remote() if show_progress else None
-        with tracking_server.ServerWatch(tracking_uri, say):
+        with tracking_server.ServerWatch(tracking_uri, say), LaneWaits(queue, say):
             result = fit_lane(cfg, queue, 0, tracking_uri, ray_name, board)
         state = checkpoint.load(result.checkpoint)[1].loop
     except Exception as e:
@@ -347,7 +348,7 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
         for t in pending:
             t.start()
         shown = None
-        with tracking_server.ServerWatch(tracking_uri, say):
+        with tracking_server.ServerWatch(tracking_uri, say), LaneWaits(queue, say):
             while pending:
                 pending[0].join(timeout=1.0)
                 pending = [t for t in pending if t.is_alive()]
@@ -364,7 +365,8 @@ def run_sweep(sw: sweep.Sweep, tracking_uri: str, data_dir: str | None = None, a
     eval_prefix = schema.eval_prefix(first.data.split)
     rows = _summary_rows(sw, finished, trained, tracking_uri, eval_prefix)
     index = cellindex.table([c.axes for c in sw.cells], rows)
-    tracking.finish_parent(tracking_uri, parent, sweep.summary_csv(rows), index)
+    tracking.finish_parent(tracking_uri, parent, sweep.summary_csv(rows), index,
+                           space.announce(say, f"sweep {sw.name}'s summary"))
     say(sweep.summary_table(rows, eval_prefix, sw.cells))
     return SweepResult(parent, rows, len(todo))
 

@@ -36,7 +36,7 @@ import pyarrow as pa
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from distnet import cellindex, cellrecords, schema, steptable
+from distnet import cellindex, cellrecords, schema, space, steptable
 from distnet.outcome import NAN, CellOutcome, grad_ratio
 from distnet.progress import Progress
 from distnet.recordbuffer import RecordBuffer, Row
@@ -76,14 +76,30 @@ class RunRef:
     run_id: str
 
 
-def upload(uri: str, run: RunRef, local_path: str | Path, artifact_dir: str | None = None) -> None:
+def upload(uri: str, run: RunRef, local_path: str | Path, artifact_dir: str | None = None,
+           on_full: space.Notify | None = None) -> None:
     """One file into the run's artifacts (MlflowClient asks the server for the run's artifact location
-    once per run and process, then uploads straight to it)."""
-    MlflowClient(uri).log_artifact(run.run_id, str(local_path), artifact_dir)
+    once per run and process, then uploads straight to it). With `on_full`, a file system out of
+    space makes it wait for room, and on_full hears where and how much (distnet.space)."""
+    client, local_path = MlflowClient(uri), Path(local_path)
+    write = lambda: client.log_artifact(run.run_id, str(local_path), artifact_dir)  # noqa: E731
+    if on_full is None:
+        return write()
+
+    def where() -> str:
+        location = client.get_run(run.run_id).info.artifact_uri
+        location = location.removeprefix("file://") if location.startswith("file:///") else location
+        return "/".join([location, *([artifact_dir] if artifact_dir else []), local_path.name])
+
+    space.waiting(write, where, local_path.stat().st_size, on_full)
 
 
-def upload_text(uri: str, run: RunRef, text: str, name: str) -> None:
-    MlflowClient(uri).log_text(run.run_id, text, name)
+def upload_text(uri: str, run: RunRef, text: str, name: str, on_full: space.Notify | None = None) -> None:
+    """`text` as the artifact `name` (what MlflowClient.log_text does, through upload)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(text)
+        upload(uri, run, path, None, on_full)
 
 
 # MLflow's own mark of an experiment that holds model training. MLflow 3.17's UI does not go by it
@@ -259,8 +275,10 @@ class MlflowSink:
     A job picked up again after a restart is `resume`d first."""
 
     def __init__(self, uri: str, cfg: Config, runs: list[RunRef], on_progress: Callable[[Progress], None] | None = None,
-                 tags: dict[str, str] | None = None, parent: RunRef | None = None):
+                 tags: dict[str, str] | None = None, parent: RunRef | None = None,
+                 on_full: space.Notify = lambda _: None):
         self.uri, self.cfg, self.runs = uri, cfg, runs
+        self.on_full = on_full  # a write waiting for room on a full disk, and its end (space.waiting)
         self.client = MlflowClient(uri)
         self.buffer = RecordBuffer(len(runs))
         self.opened = [False] * len(runs)  # member k's params and config.yaml written
@@ -325,14 +343,15 @@ class MlflowSink:
         if table is not None:
             steps, columns = table
             with tempfile.TemporaryDirectory() as tmp:
-                upload(self.uri, self.runs[k], steptable.write_part(Path(tmp), steps, columns), steptable.ARTIFACT_DIR)
+                upload(self.uri, self.runs[k], steptable.write_part(Path(tmp), steps, columns), steptable.ARTIFACT_DIR,
+                       self.on_full)
             if self.collector is not None:
                 self.collector.step_rows(k, steps, columns)
         rows = [r for r in rows if r[3] > self.written_upto[k].get(r[0], -1)]
         params = []
         if not self.opened[k]:
             params, text = member_record(self.cfg, k)
-            upload_text(self.uri, self.runs[k], text, "config.yaml")
+            upload_text(self.uri, self.runs[k], text, "config.yaml", self.on_full)
         write_batches(self.client, self.runs[k].run_id, rows, self.tags + list(end_tags), params)
         self.opened[k] = True
         self.latest_values[k].update((r[0], r[1]) for r in rows)  # a key's rows come in step order
@@ -369,7 +388,7 @@ class MlflowSink:
         if self.collector is not None:  # one part per job, named by its first run
             with tempfile.TemporaryDirectory() as tmp:
                 part = cellrecords.write_part(Path(tmp), self.runs[0].run_id, self.collector.table(self.run_ids))
-                upload(self.uri, self.parent, part, cellrecords.ARTIFACT_DIR)
+                upload(self.uri, self.parent, part, cellrecords.ARTIFACT_DIR, self.on_full)
         return rows
 
 
@@ -427,12 +446,13 @@ def delete_runs(uri: str, run_ids: list[str]) -> None:
     concurrent(uri, lambda run_id: retry_busy(client.delete_run, run_id), run_ids)
 
 
-def finish_parent(uri: str, run_id: str, summary_csv: str, index: pa.Table) -> None:
+def finish_parent(uri: str, run_id: str, summary_csv: str, index: pa.Table, on_full: space.Notify) -> None:
     """The sweep's summary.csv and cell index (distnet.cellindex) logged, its parent run FINISHED."""
-    client = MlflowClient(uri)
-    client.log_text(run_id, summary_csv, "summary.csv")
-    cellindex.write(client, run_id, index)
-    retry_busy(client.set_terminated, run_id, RunStatus.to_string(RunStatus.FINISHED))
+    parent = RunRef(run_id)
+    upload_text(uri, parent, summary_csv, "summary.csv", on_full)
+    with tempfile.TemporaryDirectory() as tmp:
+        upload(uri, parent, cellindex.write_file(Path(tmp), index), None, on_full)
+    retry_busy(MlflowClient(uri).set_terminated, run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
 def unstored(value: float) -> float:

@@ -4,6 +4,7 @@ exactly once. Each test costs about a minute here, so there are few of them."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +17,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from distnet import launch, metrics, schema, sharding, steptable, sweep
+from conftest import RecordingSink
+from distnet import data, launch, metrics, schema, sharding, steptable, sweep, tracking, worker
 from distnet.config import build_config
+
+import records
+from disks import full_file_system
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,3 +233,60 @@ grid: {model.depth: [1], seed: [0, 1, 2, 3]}
     assert all(r.status == "finished" for r in result.rows)
     for r in result.rows:
         np.testing.assert_array_equal(steptable.read(MlflowClient(uri), r.run_id)["step"], np.arange(10))
+
+
+def test_a_full_disk_holds_the_sweep_until_space_is_back(ray_cluster, tmp_path, mnist):
+    """The artifacts' file system full from the start: rank 0's first write waits, the driver says
+    which file it is and how many bytes it needs; once the space is freed the sweep finishes with
+    no restart, and every cell holds what its training computes here: every step-table value and
+    every MLflow value, each once."""
+    spec = tmp_path / "full.yaml"
+    spec.write_text("""name: full
+model: {width: 20, activation: tanh}
+data: {train_limit: 1280, eval_limit: 300}
+train: {epochs: 1}
+checkpoint: {every: 5, unit: step}
+ray: {num_workers: 1, storage_path: %s}
+mlflow: {experiment: full}
+sweep: {pack: 1, max_concurrent: 1}
+grid: {model.depth: [1, 2]}
+""" % (tmp_path / "storage"))
+    sw = sweep.load_sweep(spec)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    said: list[str] = []
+    done: list[launch.SweepResult] = []
+    with full_file_system(tmp_path / "mlartifacts") as filler:  # where a sqlite store keeps artifacts
+        driver = threading.Thread(target=lambda: done.append(launch.run_sweep(sw, uri, address=ray_cluster,
+                                                                             say=said.append)))
+        driver.start()
+        assert wait_for(lambda: any("no space left" in line for line in said), 180), said
+        (line,) = [line for line in said if "no space left" in line]
+        full = re.fullmatch(r"lane 0: no space left on device for (\S+): it needs ([\d,]+) bytes \(([\d,]+) bytes "
+                            r"free there\); the training waits and retries every 5 s until there is room", line)
+        assert full, line
+        path, needed, free = Path(full[1]), int(full[2].replace(",", "")), int(full[3].replace(",", ""))
+        # the first step-table part of the first cell's run, on the full file system
+        assert path.parent.name == steptable.ARTIFACT_DIR and path.is_relative_to(tmp_path / "mlartifacts")
+        assert needed > free == 0
+        time.sleep(6)  # a retry or more, still waiting
+        assert driver.is_alive() and not any("room again" in line for line in said)
+        filler.unlink()
+        driver.join(300)
+        assert done, said
+        assert "lane 0: room again; its records went in and it trains on" in said
+        assert path.stat().st_size == needed  # the file the message named went in, whole
+        client = MlflowClient(uri)
+        runs = {r.data.tags[schema.CELL_ID]: r for r in tracking.child_runs(uri, done[0].parent_run_id)}
+        assert len(runs) == 2 and {r.status for r in done[0].rows} == {"finished"}
+        arrays = data.select(mnist, "test", 1280, 300)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the worker (one CPU): the same sums in the same order
+        try:
+            for cell in sw.cells:
+                run = runs[cell.id]
+                assert run.info.status == "FINISHED" and schema.RESTARTS not in run.data.tags
+                recorded = RecordingSink()
+                worker.train(sweep.population_config([cell], "ref"), arrays, worker.WorkerEnv(), recorded)
+                records.assert_run_holds(client, run, recorded, 0)
+        finally:
+            torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ sys.meta_path.insert(0, Block())
 """
 
 TORCH_FREE = ["config", "choices", "schema", "outcome", "sweep", "tracking", "cellrecords", "cellindex", "steptable", "ui",
-              "report", "isometry", "meanfield", "data", "download", "lanes", "cli", "frames"]
+              "report", "isometry", "meanfield", "data", "download", "lanes", "cli", "frames", "space"]
 
 
 def run_blocked(code: str) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,8 @@ from mlflow.tracking import MlflowClient
 import records
 from browser import body, charts_each_layers_gradient_norm, log_in, training_pages
 from conftest import RecordingSink, free_port, http_status
-from distnet import cli, data, launch, schema, sweep, tracking, tracking_server, ui, worker
+from disks import full_file_system
+from distnet import cli, data, launch, schema, space, sweep, tracking, tracking_server, ui, worker
 from distnet.config import config_hash, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,6 +259,33 @@ def test_a_person_with_the_login_sees_each_layers_gradient_norm_in_the_ui(ray_cl
     log_in(browser, os.environ[tracking_server.USERNAME], os.environ[tracking_server.PASSWORD])
     charts_each_layers_gradient_norm(browser, page, layers=3)  # depth 2: 3 weight matrices
     assert training_pages(body(browser))
+
+
+def test_a_full_artifact_store_is_named_with_the_bytes_needed_and_the_write_waits(postgres_mlflow, tmp_path):
+    """The server's artifact store full: an upload through it (as rank 0 makes them) is answered
+    with the file on the server's disk, the bytes it needs and the room left (HTTP 507, not MLflow's
+    bare 500), waits, and goes in whole once space is freed."""
+    client = MlflowClient(postgres_mlflow.uri)
+    exp_id = client.create_experiment("full-store")
+    run_id = client.create_run(exp_id).info.run_id
+    local = tmp_path / "part-000.parquet"
+    local.write_bytes(os.urandom(300_000))
+    heard: list = []
+    with full_file_system(postgres_mlflow.state / "artifacts" / exp_id) as filler:
+        upload = threading.Thread(target=tracking.upload, args=(postgres_mlflow.uri, tracking.RunRef(run_id), local,
+                                                                 "step_metrics", heard.append))
+        upload.start()
+        deadline = time.time() + 60
+        while not heard and time.time() < deadline:
+            time.sleep(0.2)
+        assert heard == [space.Full(str(postgres_mlflow.state / "artifacts" / exp_id / run_id / "artifacts" /
+                                         "step_metrics" / local.name), 300_000, 0)]
+        assert upload.is_alive()
+        filler.unlink()
+        upload.join(60)
+        assert not upload.is_alive() and heard[1:] == [None]
+        got = client.download_artifacts(run_id, f"step_metrics/{local.name}", str(tmp_path / "back"))
+        assert Path(got).read_bytes() == local.read_bytes()
 
 
 @pytest.mark.parametrize("login", [None, ("admin", "not-the-password")])
