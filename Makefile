@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/default.yaml
 
-.PHONY: train test check bench gpu-check gpu-ray-check wheelhouse install-offline results install browser postgres ssh clean
+.PHONY: train test check bench soak gpu-check gpu-ray-check wheelhouse install-offline results install browser postgres ssh clean
 
 # The stamp is rebuilt when pyproject.toml changes, so a fresh clone or a new dependency reinstalls.
 $(VENV)/.installed: pyproject.toml
@@ -80,6 +80,13 @@ check: install
 bench: install
 	PYTHONPATH=benchmarks $(BIN)/python benchmarks/bench.py --reps 3
 	PYTHONPATH=benchmarks $(BIN)/python benchmarks/trainer_floor.py --reps 3
+
+# Faults at random for SOAK_MINUTES (30) on the namespaced test cluster, sweep after sweep, each
+# checked whole (benchmarks/soak.py; docs/fault-tolerance.md). Root, ip and unshare, as the tests.
+SOAK_MINUTES ?= 30
+SOAK_SEED ?= 0
+soak: install postgres
+	PYTHONPATH=tests:benchmarks $(BIN)/python benchmarks/soak.py --minutes $(SOAK_MINUTES) --seed $(SOAK_SEED)
 
 # The GPU path on a CUDA host (tests/test_gpu.py with a GPU required, then the GPU table of
 # docs/benchmarks.md). Needs only torch, numpy and pyyaml: no install step, so it runs on a bare GPU

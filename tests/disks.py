@@ -8,6 +8,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def fill(folder: Path) -> Path:
+    """A file in `folder` that takes its file system's last byte; deleting it frees the space."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
 @contextmanager
 def full_file_system(folder: Path, size: str = "2m"):
     """A tmpfs of `size` mounted at `folder` (as root, as CI runs) and filled to its last byte by one
@@ -15,15 +29,6 @@ def full_file_system(folder: Path, size: str = "2m"):
     folder.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "distnet-test-full", str(folder)], check=True)
     try:
-        filler = folder / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:
-            while True:
-                os.write(fd, bytes(4096))
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
-        yield filler
+        yield fill(folder)
     finally:
         subprocess.run(["umount", str(folder)], check=True)

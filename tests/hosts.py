@@ -123,10 +123,13 @@ Subsystem sftp internal-sftp
         """Every process in the host's network namespace."""
         return [int(p) for p in ip("netns", "pids", self.netns, check=False).stdout.split()]
 
-    def command_lines(self) -> list[str]:
-        """The command line of every process in the host's network namespace."""
+    def processes(self) -> dict[int, str]:
+        """pid -> command line of every process in the host's network namespace."""
         procs = _processes()
-        return [procs[pid][1] for pid in self.pids() if pid in procs]
+        return {pid: procs[pid][1] for pid in self.pids() if pid in procs}
+
+    def command_lines(self) -> list[str]:
+        return list(self.processes().values())
 
     def cut(self) -> None:
         """Every link of the host down at its end (its peers lose the carrier): the host is

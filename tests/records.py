@@ -4,9 +4,11 @@ again in-process): every step-table value and every MLflow value, each once."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 from mlflow.tracking import MlflowClient
 
-from distnet import schema, steptable
+from conftest import RecordingSink
+from distnet import data, schema, steptable, sweep, worker
 
 PERF = {"perf/epoch_s", "perf/max_rss_mb"}  # timings: differ from run to run
 # A training in a Ray worker and the same training in the test process have differed in the last bit
@@ -39,3 +41,30 @@ def assert_run_holds(client: MlflowClient, run, recorded, k: int, rtol: float = 
         np.testing.assert_allclose([v for _, v in history], [v for _, v in logged[key]], rtol=rtol,
                                    err_msg=key)
     return table
+
+
+def assert_sweep_as_computed(client: MlflowClient, sw: sweep.Sweep, experiment: str) -> dict:
+    """Every cell of `sw` has one live run in `experiment`, FINISHED (returned by cell id), no run
+    is left RUNNING, and each cell's run holds what its training computes here without a fault:
+    every step-table value and every MLflow value, each once."""
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([exp], "tags.`distnet.cell_id` != ''", max_results=50_000)
+    cells = {r.data.tags[schema.CELL_ID]: r for r in runs}
+    assert len(runs) == len(cells) == len(sw.cells), (len(runs), len(cells), len(sw.cells))
+    assert [r.info.run_id for r in runs if r.info.status != "FINISHED"] == []
+    mnist = data.load_mnist(sw.cells[0].config.data.dir)
+    arrays = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (one CPU each): the same sums in the same order
+    try:
+        for cell in sw.cells:
+            d = cell.config.data
+            key = (d.split, d.train_limit, d.eval_limit)
+            if key not in arrays:
+                arrays[key] = data.select(mnist, *key)
+            recorded = RecordingSink()
+            worker.train(sweep.population_config([cell], "ref"), arrays[key], worker.WorkerEnv(), recorded)
+            assert_run_holds(client, cells[cell.id], recorded, 0)
+    finally:
+        torch.set_num_threads(threads)
+    return cells

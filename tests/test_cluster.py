@@ -2,16 +2,13 @@
 cluster (the second node a host of its own: tests/hosts.py) with a real MLflow server, driven by
 `ray job submit` from the command line."""
 
-import dataclasses
 import json
 import os
 import re
-import secrets
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,14 +20,14 @@ from mlflow.tracking import MlflowClient
 
 import hosts
 import records
-from conftest import RecordingSink, free_port
+from conftest import RecordingSink
+from testcluster import BIN, SHARED_DATA, Cluster, namespaced_cluster, run, wait_for
 from distnet import data, schema, steptable, sweep, tracking_server, worker
 from distnet.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.namespaces, pytest.mark.ray]
-BIN = Path(sys.executable).parent
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml", "local.yaml"])
@@ -53,121 +50,18 @@ def test_cluster_file_passes_rays_validator(name):
     assert any("pip install" in c and "distnet" in c for c in raw["setup_commands"])
 
 
-def run(cmd, env, timeout=120, check=True):
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode:
-        raise AssertionError(f"{cmd} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-SHARED_DATA = ROOT.parent / "shared" / "data"
-NO_DATA = [SHARED_DATA, Path.home() / ".cache" / "distnet"]  # what the second host lacks: MNIST
-
-
-SCRIPT = ROOT / "cluster" / "mlflow_server.sh"
-
-
-@dataclasses.dataclass
-class Cluster:
-    """The module's two-host cluster (see `cluster`): addresses, the hosts, and what puts a fault
-    right again."""
-    env: dict  # the commands' environment: Ray's token, the server's login
-    dashboard: str
-    gcs: str
-    mlflow: str
-    node2: hosts.Host
-    tracker: hosts.Host
-    temp: Path
-    server_env: dict
-    joins: int = 0  # the second host's (re)joins so far: each with a temp dir of its own
-
-    @property
-    def state(self) -> Path:
-        return self.temp / "mlflow"  # the tracking server's STATE_DIR
-
-    def start_server(self) -> None:
-        run(self.tracker.command(["bash", str(SCRIPT), "start", str(self.state)], NO_DATA), self.server_env)
-
-    def stop_server(self) -> None:
-        run(["bash", str(SCRIPT), "stop", str(self.state)], self.server_env)
-
-    def start_node2(self) -> None:
-        """(Re)join the second host to the cluster: its Ray node, a fresh temp dir each time."""
-        run(self.node2.command([str(BIN / "ray"), "start", "--address", self.gcs, "--node-ip-address",
-                                self.node2.address, "--num-cpus", "1", "--temp-dir",
-                                str(self.temp / f"node2-{self.joins}")], NO_DATA), self.env)
-        self.joins += 1
-
-    def heal(self) -> None:
-        """Whatever an earlier test broke, whole again: the tracker's links up, its server
-        answering, the second host's Ray in the cluster."""
-        self.tracker.mend()
-        if not tracking_server.answers(self.mlflow):
-            self.start_server()
-            tracking_server.wait_for_server(self.mlflow, log=self.state / "mlflow.log")
-        # Each look is a `ray list nodes` command (seconds): one where the cluster is whole.
-        if self.node2.address not in node_ids(self):
-            hosts.end_processes(self.node2.pids)  # what is left of the lost node's
-            self.start_node2()
-            assert wait_for(lambda: len(node_ids(self)) == 2, 60), node_ids(self)
-
-
-# Ray's health checks of its nodes (GCS settings a cluster's head takes from its environment, as
-# users set them): a lost node is declared dead after 3 missed checks a second apart, instead of
-# Ray's default 5 of 3 s. The node-loss tests wait that long for Ray to notice.
-HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-                 "RAY_health_check_failure_threshold": "3"}
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """A Ray head (1 CPU) on this machine; a second Ray node (1 CPU) on a host of its own; the
-    tracking server (cluster/mlflow_server.sh: PostgreSQL and `mlflow server` over it) on a third
-    (tests/hosts.py: each host its own network namespace, address, hostname and /dev/shm; neither
-    has MNIST). Everything is reached by the addresses of the links between them, never by
-    127.0.0.1. The server's login is where the cluster files put it: in the head's Ray environment,
-    and in the commands' (`env`) and this process's, as a user on the head has it; the second host
-    has none but what distnet hands it. One for the module: a test that breaks a part of it (a
-    node, the server, a link) leaves it to `two_node_cluster` to mend before the next. Ends only
-    what it started (needs root, `ip` and `unshare`, which CI has)."""
+    """A Ray head (1 CPU) here, a second Ray node (1 CPU) on a host of its own and the tracking
+    server on a third (tests/testcluster.py), the server's login in this process's environment as a
+    user on the head has it. One for the module: a test that breaks a part of it (a node, the server,
+    a link) leaves it to `two_node_cluster` to mend before the next."""
     if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
         pytest.fail("the two-host cluster needs root, ip and unshare (CI runs as root)")
-    # Ray 2.60 heads use token auth; a fresh machine has no ~/.ray/auth_token, so the cluster gets
-    # its own token, shared by both nodes and every CLI call through the environment.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    temp = Path(tempfile.mkdtemp(prefix="dnray", dir="/tmp"))  # Ray's socket paths must stay short
-    temp.chmod(0o755)  # the postgres user reaches its data directory inside
-    with hosts.extra_hosts(2) as (head_ip, (node2, tracker)), pytest.MonkeyPatch.context() as mp:
-        # The tracking host has ports of its own: the script's defaults (5000, PostgreSQL's 5432).
-        server_env = {**env, "MLFLOW": str(BIN / "mlflow"), "MLFLOW_HOST": tracker.address}
-        gcs, dash = free_port(), free_port()
-        c = Cluster(env, f"http://{head_ip}:{dash}", f"{head_ip}:{gcs}", f"http://{tracker.address}:5000", node2,
-                    tracker, temp, server_env)
-        try:
-            c.start_server()
-            # The server's login, as the cluster files hand it to the head's Ray (its jobs' drivers
-            # inherit it) and as a user on the head has it; the second host gets it from distnet only.
-            login = tracking_server.Login.from_file(c.state / "credentials").environ()
-            # Its agents on free ports: a Ray of this test session on the same host holds the
-            # defaults (the job agent's 52365 among them), and `ray job submit` found no agent.
-            agent_ports = [f"--{flag}={free_port()}" for flag in (
-                "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                "metrics-export-port")]
-            run([str(BIN / "ray"), "start", "--head", "--node-ip-address", head_ip, "--port", str(gcs),
-                 "--dashboard-host", head_ip, "--dashboard-port", str(dash), "--num-cpus", "1", *agent_ports,
-                 "--temp-dir", str(temp / "head"), "--include-dashboard", "true"], {**env, **login, **HEALTH_CHECKS})
-            c.start_node2()
-            tracking_server.wait_for_server(c.mlflow, log=c.state / "mlflow.log")
-            for key, value in login.items():  # for this process's own MLflow clients
-                mp.setenv(key, value)
-            c.env = {**env, **login}
-            yield c
-        finally:
-            hosts.end_process_trees(str(temp / "head"))  # the head's processes, its workers and jobs
-            c.stop_server()
-            shutil.rmtree(temp, ignore_errors=True)
+    with namespaced_cluster(workers=1) as c, pytest.MonkeyPatch.context() as mp:
+        for key, value in c.login.items():  # for this process's own MLflow clients
+            mp.setenv(key, value)
+        yield c
 
 
 @pytest.fixture
@@ -267,22 +161,6 @@ def test_two_workers_on_two_hosts_equal_one_worker(two_node_cluster, tmp_path):
     assert two.data.metrics["test/acc"] == pytest.approx(float(one.final["test/acc"][0]), abs=1e-3)
 
 
-def node_ids(c: Cluster) -> dict[str, str]:
-    """Address -> Ray node id of the cluster's live nodes."""
-    out = run([str(BIN / "ray"), "list", "nodes", "--address", c.gcs, "--format", "json"], c.env).stdout
-    return {n["node_ip"]: n["node_id"] for n in json.loads(out) if n["state"] == "ALIVE"}
-
-
-def wait_for(predicate, timeout: float):
-    """predicate()'s first true answer within `timeout` seconds, else None."""
-    end = time.time() + timeout
-    while time.time() < end:
-        if answer := predicate():
-            return answer
-        time.sleep(0.2)
-    return None
-
-
 def running_on(client: MlflowClient, experiment: str, node_id: str) -> list:
     """RUNNING runs whose rank 0 has written its first records (at a checkpoint) on node `node_id`."""
     exp = client.get_experiment_by_name(experiment)
@@ -342,23 +220,8 @@ grid: {seed: [0, 1, 2, 3]}
 
 
 def assert_cells_as_computed(client: MlflowClient, tmp_path: Path, name: str) -> dict:
-    """The sweep's cells, one FINISHED run each (returned by cell id), each holding what its training
-    computes here without a fault: every step-table value and every MLflow value, each once."""
-    exp = client.get_experiment_by_name(name).experiment_id
-    runs = client.search_runs([exp], "tags.`distnet.cell_id` != ''")
-    cells = {r.data.tags["distnet.cell_id"]: r for r in runs}
-    assert len(runs) == len(cells) == 4 and all(r.info.status == "FINISHED" for r in runs)
-    arrays = data.select(data.load_mnist(SHARED_DATA / "mnist"), "test", 3840, 300)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers (one CPU each): the same sums in the same order
-    try:
-        for cell in sweep.load_sweep(tmp_path / f"{name}.yaml").cells:
-            recorded = RecordingSink()
-            worker.train(sweep.population_config([cell], "ref"), arrays, worker.WorkerEnv(), recorded)
-            records.assert_run_holds(client, cells[cell.id], recorded, 0)
-    finally:
-        torch.set_num_threads(threads)
-    return cells
+    """The sweep's cells, one FINISHED run each (returned by cell id), each as computed here."""
+    return records.assert_sweep_as_computed(client, sweep.load_sweep(tmp_path / f"{name}.yaml"), name)
 
 
 @pytest.mark.parametrize("fault", ["killed", "link-cut"])
@@ -370,7 +233,7 @@ def test_a_node_lost_mid_sweep_costs_only_the_steps_since_its_checkpoint(two_nod
     equals its training computed here without a fault: every step-table value and every MLflow value,
     each once (nothing the cut-off rank 0 still held written when its link came back)."""
     c = two_node_cluster
-    node2 = node_ids(c)[c.node2.address]
+    node2 = c.node_ids()[c.node2.address]
     client = MlflowClient(c.mlflow)
     name = f"lose-{fault}"
     proc = distnet(c, tmp_path, "sweep", long_sweep(tmp_path, name))
@@ -402,7 +265,7 @@ def test_the_tracking_server_lost_for_a_while_mid_sweep(two_node_cluster, tmp_pa
     computed here: nothing lost, nothing written twice, no cell with two runs."""
     c = two_node_cluster
     client = MlflowClient(c.mlflow)
-    ids = node_ids(c).values()
+    ids = c.node_ids().values()
     name = f"away-{fault}"  # the cluster's server holds the other fault's sweep too
     proc = distnet(c, tmp_path, "sweep", long_sweep(tmp_path, name))
     first_records(proc, lambda: any(running_on(client, name, i) for i in ids))
@@ -443,7 +306,7 @@ def test_a_node_lost_mid_training_resumes_when_it_rejoins(two_node_cluster, tmp_
            "mlflow": {"experiment": "rejoin"}, "fault": {"trace": str(tmp_path / "trace")}}
     (tmp_path / "rejoin.yaml").write_text(yaml.safe_dump(cfg))
     client = MlflowClient(c.mlflow)
-    ids = node_ids(c)
+    ids = c.node_ids()
     proc = distnet(c, tmp_path, "train", "rejoin.yaml")
     first_records(proc, lambda: any(written_past(client, running_on(client, "rejoin", i), 20) for i in ids.values()))
     killed = time.time()
