@@ -37,7 +37,7 @@ import listing
 import records
 from disks import fill
 from distnet import sweep
-from testcluster import Cluster
+from testcluster import Cluster, wait_for
 
 KINDS = ("worker-killed", "host-lost", "link-cut", "server-restarted", "postgres-killed", "driver-killed",
          "disk-full")
@@ -184,9 +184,10 @@ class Injector:
         try:
             host = next((h for h in self.c.workers if h.hostname == target), None)
             said = fn(host, length) if host is not None else fn(length)
-        except Exception as e:  # a fault that could not be applied is a finding, not a crash of the soak
+        except Exception as e:  # a fault that could not be applied or repaired is a finding
             said = f"failed: {type(e).__name__}: {e}"
             self.errors.append(f"{kind} on {target}: {said}")
+            self.c.heal()  # the cluster whole again, so that the sweep can end and show the rest
         finally:
             with self.lock:
                 self.busy.discard(target)
@@ -220,6 +221,11 @@ class Injector:
         postgres = hosts.process_trees(str(self.c.state / "pg"))
         for pid in postgres:
             os.kill(pid, signal.SIGKILL)
+        # Gone, as a crashed server's processes are: killed, they are orphans that this machine's
+        # init reaps a second or two later, and until then `pg_ctl status` takes the postmaster's
+        # zombie for a running server and the script does not start PostgreSQL again (seen in a CI
+        # run: the server stayed down and the sweep waited on it).
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in postgres), 60)
         time.sleep(length)
         self.c.start_server()  # idempotent: PostgreSQL again, the MLflow server left running
         return f"server ({len(postgres)} processes)"
