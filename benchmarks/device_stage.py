@@ -52,7 +52,8 @@ def main() -> int:
     p.add_argument("--call-mib", type=float, default=64, help="what one call carries, tracked files included")
     p.add_argument("--margin-mib", type=float, default=2)
     args = p.parse_args()
-    room = int((args.call_mib - args.margin_mib) * MIB) - tracked_bytes()
+    tracked = tracked_bytes()
+    room = int((args.call_mib - args.margin_mib) * MIB) - tracked
     data = sum(f.stat().st_size for f in args.data.iterdir()) if args.data else 0
     packed = groups([f for f in args.bundle.iterdir() if f.is_file()], room, data)
     shutil.rmtree(args.out, ignore_errors=True)
@@ -64,7 +65,7 @@ def main() -> int:
         carry = [str(folder)] + ([str(args.data)] if args.data and n == 1 else [])
         size = sum(f.stat().st_size for f in group) + (data if n == 1 else 0)
         print(f"call {n}: carry {carry}: {len(group)} files, {size / MIB:.1f} MiB")
-    print(f"room a call: {room / MIB:.1f} MiB beside {tracked_bytes() / MIB:.1f} MiB of tracked files")
+    print(f"room a call: {room / MIB:.1f} MiB beside {tracked / MIB:.1f} MiB of tracked files")
     return 0
 
 

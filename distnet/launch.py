@@ -115,7 +115,7 @@ def _open_sink(uri: str, job: Job, lane: int, trainer: str, board, queue, resume
     sink = tracking.MlflowSink(uri, job.cfg, job.runs, on_progress=board and (lambda s: board.update.remote(s)),
                                tags={schema.RAY_NODE: ray.get_runtime_context().get_node_id(),
                                      schema.LANE: str(lane), schema.TRAINER: trainer}, parent=job.parent,
-                               on_full=lambda full: queue.wait.remote(lane, None if full is None else f"{full}; {space.WAITS}"))
+                               on_full=lambda full: queue.wait.remote(lane, None if full is None else full.waits()))
     if resume is not None or again or job.resumed:
         step = resume.loop.step if resume is not None else 0
         sink.tags.append(RunTag(schema.RESUMED_FROM_STEP, str(step)))

@@ -31,6 +31,10 @@ class Full:
         free = "" if self.free is None else f" ({self.free:,} bytes free there)"
         return f"no space left on device for {self.path}: it needs {self.needed:,} bytes{free}"
 
+    def waits(self) -> str:
+        """What a writer waiting on it says."""
+        return f"{self}; {WAITS}"
+
     def to_json(self) -> dict:
         """As distnet's tracking server answers a write it has no room for (distnet.server_app)."""
         return {"error_code": INSUFFICIENT_STORAGE, "message": str(self), "path": self.path, "needed": self.needed,
@@ -103,7 +107,7 @@ def announce(say: Callable[[str], None], who: str) -> Notify:
     def notify(full: Full | None) -> None:
         if full is not None:
             since.append(time.time())
-            say(f"{who}: {full}; {WAITS}")
+            say(f"{who}: {full.waits()}")
         else:
             say(f"{who}: room again after {time.time() - since.pop():.0f} s; the records went in")
 

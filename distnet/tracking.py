@@ -76,25 +76,22 @@ class RunRef:
     run_id: str
 
 
-def upload(uri: str, run: RunRef, local_path: str | Path, artifact_dir: str | None = None,
-           on_full: space.Notify | None = None) -> None:
+def upload(uri: str, run: RunRef, local_path: str | Path, artifact_dir: str | None, on_full: space.Notify) -> None:
     """One file into the run's artifacts (MlflowClient asks the server for the run's artifact location
-    once per run and process, then uploads straight to it). With `on_full`, a file system out of
-    space makes it wait for room, and on_full hears where and how much (distnet.space)."""
+    once per run and process, then uploads straight to it). A file system out of space makes it
+    wait for room, and `on_full` hears where and how much (distnet.space)."""
     client, local_path = MlflowClient(uri), Path(local_path)
-    write = lambda: client.log_artifact(run.run_id, str(local_path), artifact_dir)  # noqa: E731
-    if on_full is None:
-        return write()
 
     def where() -> str:
         location = client.get_run(run.run_id).info.artifact_uri
         location = location.removeprefix("file://") if location.startswith("file:///") else location
         return "/".join([location, *([artifact_dir] if artifact_dir else []), local_path.name])
 
-    space.waiting(write, where, local_path.stat().st_size, on_full)
+    space.waiting(lambda: client.log_artifact(run.run_id, str(local_path), artifact_dir), where,
+                  local_path.stat().st_size, on_full)
 
 
-def upload_text(uri: str, run: RunRef, text: str, name: str, on_full: space.Notify | None = None) -> None:
+def upload_text(uri: str, run: RunRef, text: str, name: str, on_full: space.Notify) -> None:
     """`text` as the artifact `name` (what MlflowClient.log_text does, through upload)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name

@@ -198,9 +198,10 @@ class Injector:
     # ---- the kinds
     def worker_killed(self, host, length) -> str:
         pids = training_workers(host)
-        for pid in pids[:1]:
-            os.kill(pid, signal.SIGKILL)
-        return f"pid {pids[0]}" if pids else "no training worker left to kill"
+        if not pids:
+            return "no training worker left to kill"
+        os.kill(pids[0], signal.SIGKILL)
+        return f"pid {pids[0]}"
 
     def host_lost(self, host, length) -> None:
         hosts.end_processes(host.pids)
@@ -228,13 +229,13 @@ class Injector:
         wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in postgres), 60)
         time.sleep(length)
         self.c.start_server()  # idempotent: PostgreSQL again, the MLflow server left running
-        return f"server ({len(postgres)} processes)"
+        return f"{len(postgres)} processes"
 
     def driver_killed(self, length) -> str:
         killed = self.driver.kill()
         time.sleep(length)
         self.driver.start()
-        return f"driver ({killed})"
+        return killed
 
     def disk_full(self, length) -> None:
         filler = fill(self.c.artifacts)
