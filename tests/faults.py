@@ -343,7 +343,8 @@ def check(c: Cluster, spec: Path, name: str) -> None:
 
 
 def left_behind(c: Cluster) -> list[str]:
-    """What the cluster left once it was ended: processes naming its folder, its namespaces."""
+    """What the cluster left once it was ended: processes naming its folder or its GCS address, its
+    namespaces."""
     netns = hosts.ip("netns", "list").stdout
-    return ([f"process {p}" for p in hosts.process_trees(str(c.temp))] +
+    return ([f"process {p}" for p in hosts.process_trees(str(c.temp), c.gcs)] +
             [f"netns {h.netns}" for h in [*c.workers, c.tracker] if h.netns in netns])

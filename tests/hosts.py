@@ -224,18 +224,19 @@ def _processes() -> dict[int, tuple[int, str]]:
     return found
 
 
-def process_trees(marker: str) -> list[int]:
-    """Processes whose command line names `marker` (a folder of the caller's own: a Ray node's temp
-    dir), and all their descendants (Ray's workers rename themselves `ray::...`)."""
+def process_trees(*markers: str) -> list[int]:
+    """Processes whose command line names one of `markers` (what is the caller's own: a Ray node's
+    temp dir, its GCS address at an address the caller made), and all their descendants (Ray's
+    workers rename themselves `ray::...`)."""
     procs = _processes()
-    tree = {pid for pid, (_, cmd) in procs.items() if marker in cmd}
+    tree = {pid for pid, (_, cmd) in procs.items() if any(m in cmd for m in markers)}
     while grown := {pid for pid, (parent, _) in procs.items() if parent in tree} - tree:
         tree |= grown
     return sorted(tree - {os.getpid()})
 
 
-def end_process_trees(marker: str) -> None:
-    end_processes(lambda: [p for p in process_trees(marker) if Path(f"/proc/{p}").exists()
+def end_process_trees(*markers: str) -> None:
+    end_processes(lambda: [p for p in process_trees(*markers) if Path(f"/proc/{p}").exists()
                            and not _zombie(p)])
 
 

@@ -161,7 +161,10 @@ def namespaced_cluster(workers: int = 1, head_cpus: int = 1, artifacts_mib: int 
             c.env = {**env, **c.login}
             yield c
         finally:
-            hosts.end_process_trees(str(temp / "head"))  # the head's processes, its workers and jobs
+            # The head's processes, its workers and jobs; and Ray's client server, which `ray start`
+            # leaves an orphan whose command line names only the GCS address (seen outliving the
+            # head by a minute, a SIGTERM ignored).
+            hosts.end_process_trees(str(temp / "head"), c.gcs)
             c.stop_server()
             if mounted is not None:
                 run(["umount", str(mounted)], env, check=False)
