@@ -99,7 +99,7 @@ def upload_text(uri: str, run: RunRef, text: str, name: str, on_full: space.Noti
         upload(uri, run, path, None, on_full)
 
 
-# MLflow's own mark of an experiment that holds model training. MLflow 3.17's UI does not go by it
+# MLflow's own mark of an experiment that holds model training. MLflow's UI (3.17, 3.18) does not go by it
 # when it picks GenAI or model-training pages (a UI mode does, see distnet.ui); other versions may.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 

@@ -1,6 +1,6 @@
 """`distnet ui`: the MLflow UI, opened on what there is to compare.
 
-What MLflow 3.17's web UI takes from where (read from its built JS, checked in headless Chromium
+What MLflow's web UI (3.17 and 3.18) takes from where (read from its built JS, checked in headless Chromium
 by tests/test_ui.py):
 - The experiment page's filter and sort are URL parameters (`searchFilter`, `orderByKey`, ...), and
   so is the view mode (`compareRunsMode=CHART`). Its grouping, chart list, table columns and which
