@@ -28,7 +28,6 @@ from browser import body, charts_each_layers_gradient_norm, log_in, training_pag
 from conftest import RecordingSink, free_port, http_status
 from disks import full_file_system
 from distnet import cli, data, launch, schema, space, sweep, tracking, tracking_server, ui, worker
-from distnet.config import config_hash, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,17 +176,11 @@ def test_a_104_cell_sweep_through_the_server_after_a_driver_kill_holds_every_val
         sink, k = recorded(cell)
         assert run.info.status == "FINISHED" and run.data.tags["distnet.status"] == "finished"
         assert not any(password in v for v in [*run.data.params.values(), *run.data.tags.values()])
-        with tempfile.TemporaryDirectory() as tmp:
-            assert password not in Path(client.download_artifacts(run.info.run_id, "config.yaml", tmp)).read_text()
-        params = dict(run.data.params)
-        job = params.pop("name")  # its pack's training: the member config is the cell's, named so
-        assert re.fullmatch(r"pg104-\d+", job)
-        assert params == {k: str(v) for k, v in flatten(cfg.member_config(0)).items() if k != "name"}
-        expected_tags = {**tracking.member_tags(cfg, 0), "config_hash": config_hash({**cfg.member_config(0), "name": job}),
-                         "distnet.cell_id": cell.id, "distnet.all_reduce": "none",
-                         "mlflow.parentRunId": result.parent_run_id, **{k: str(v) for k, v in cell.axes.items()}}
-        assert expected_tags.items() <= run.data.tags.items()
-        assert run.info.run_name == f"pg104/{cell.label}"
+        # its pack's training: the member config is the cell's, named for the job
+        assert re.fullmatch(r"pg104-\d+", run.data.params["name"])
+        records.assert_described(client, run, sw, cell)  # name, params, tags; config.yaml the config, so no password
+        assert {k: run.data.tags[k] for k in ("distnet.all_reduce", "mlflow.parentRunId")} == \
+            {"distnet.all_reduce": "none", "mlflow.parentRunId": result.parent_run_id}
         table = records.assert_run_holds(client, run, sink, k)  # every step once, every MLflow value
         np.testing.assert_array_equal(table["step"], np.arange(10))
         first, last = (np.float64(table[f"grad_norm/w/layer_{l}"]) for l in (1, cfg.model.depth + 1))
